@@ -1,0 +1,6 @@
+//! The Hearth microVM monitor: everything that turns a configuration into a running KVM
+//! microVM. It owns the KVM VM and vCPUs (`vstate`), x86_64 boot details (`arch`), the
+//! emulated devices, and the versioned snapshot format. The `hearth-vmm` binary in
+//! `crates/vmm-bin` wraps it with a control socket and a jailer.
+
+pub mod kvm_host;
