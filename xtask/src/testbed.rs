@@ -154,7 +154,13 @@ fn build_l1_assets(dir: &Path, image_package: &str, init: &str) -> Result<()> {
     fs::create_dir_all(&debs)?;
     util::run(
         Command::new("apt-get")
-            .args(["download", "-q", "-o", "APT::Sandbox::User=root", image_package])
+            .args([
+                "download",
+                "-q",
+                "-o",
+                "APT::Sandbox::User=root",
+                image_package,
+            ])
             .current_dir(&debs),
     )?;
     let root = dir.join("root");
