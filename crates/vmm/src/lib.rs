@@ -3,4 +3,5 @@
 //! emulated devices, and the versioned snapshot format. The `hearth-vmm` binary in
 //! `crates/vmm-bin` wraps it with a control socket and a jailer.
 
+pub mod devices;
 pub mod kvm_host;
