@@ -1,15 +1,11 @@
-//! `cargo xtask`: the developer and CI tasks of the Hearth workspace. Each task lives in the
-//! module named for it; shared plumbing (paths, caching, running commands) is in `util`.
+//! `cargo xtask`: the command line of the developer and CI tasks in the `xtask` library.
 #![forbid(unsafe_code)]
 
-mod deps;
-mod kernel;
-mod rootfs;
-mod testbed;
-mod util;
+use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use xtask::{demo, deps, kernel, rootfs, test, testbed};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Hearth developer and CI tasks")]
@@ -20,6 +16,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
+    /// Demonstrate what exists: real KVM, and the project's kernel booting its root filesystem.
+    Demo,
+    /// The part of the demo that needs KVM (the demo runs it in the test bed).
+    #[command(hide = true)]
+    DemoInKvm { kernel: PathBuf, rootfs: PathBuf },
     /// Install the Debian packages the tasks need (as root), or say which are missing.
     Deps,
     /// Build the guest kernel (cached by content hash); prints its path last.
@@ -28,10 +29,14 @@ enum Task {
     Rootfs,
     /// Run a command where real KVM exists: directly, or inside the L1 test bed VM.
     Testbed(testbed::Args),
+    /// Run every check and test: format, lints, unit tests, and the KVM suites in the test bed.
+    Test,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
+        Task::Demo => demo::run(),
+        Task::DemoInKvm { kernel, rootfs } => demo::run_in_kvm(&kernel, &rootfs),
         Task::Deps => deps::ensure(),
         Task::GuestKernel => {
             let path = kernel::build()?;
@@ -48,5 +53,6 @@ fn main() -> Result<()> {
             let code = testbed::run(&args)?;
             std::process::exit(code);
         }
+        Task::Test => test::run(),
     }
 }

@@ -54,6 +54,19 @@ pub struct Args {
     pub command: Vec<String>,
 }
 
+impl Args {
+    /// The settings from the command line's defaults and `HEARTH_TESTBED_*`, for `command`.
+    pub fn for_command(command: Vec<String>) -> Result<Self> {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: Args,
+        }
+        let argv = ["testbed".to_owned(), "--".to_owned()].into_iter().chain(command);
+        Ok(<Wrapper as clap::Parser>::try_parse_from(argv)?.args)
+    }
+}
+
 /// Runs the command where real KVM exists and returns its exit code.
 pub fn run(args: &Args) -> Result<i32> {
     let kind = KvmKind::detect();

@@ -1,7 +1,136 @@
-//! `hearth-vmm`: one process per microVM. It will own the control socket, the jailer and the
-//! seccomp filters around the `vmm` library. For now it reports what KVM this host offers.
+//! `hearth-vmm`: one process per microVM.
+//!
+//! `hearth-vmm --config vm.json` boots the VM at once; `hearth-vmm --api-sock ctl.sock` waits
+//! for `configure` and `start` on its control socket (both may be given). The control socket
+//! takes the line-delimited JSON requests of `vmm::rpc`. The process exits 0 when the guest
+//! powers off (or a `stop` request ends it) and 1 when the guest fails or the VM cannot start.
+
+mod api_server;
+mod logger;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use clap::Parser;
+use vmm::rpc::{Controller, VmState};
+use vmm::vstate::vcpu::GuestExit;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+#[derive(Debug, Parser)]
+#[command(name = "hearth-vmm", version, about = "The Hearth microVM monitor")]
+struct Args {
+    /// A VM configuration file (JSON, see `vmm::config`); the VM boots at once.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The control socket to serve.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, env = "HEARTH_LOG", default_value = "warn", value_parser = parse_level)]
+    log_level: log::LevelFilter,
+}
+
+/// Wakes the main loop: the VM started or stopped through the control socket.
+#[derive(Debug)]
+pub struct Shared {
+    pub controller: Mutex<Controller>,
+    pub wake: EventFd,
+}
+
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse().map_err(|_| format!("unknown log level {s:?}"))
+}
+
+const WAKE: u64 = 1;
+const GUEST_EXIT: u64 = 2;
 
 fn main() {
-    let kind = vmm::kvm_host::KvmKind::detect();
-    println!("hearth-vmm: host KVM is {kind:?} (hardware-backed: {})", kind.is_hardware());
+    let args = Args::parse();
+    logger::init(args.log_level);
+    match run(&args) {
+        Ok(GuestExit::Shutdown) => std::process::exit(0),
+        Ok(GuestExit::Error(e)) => {
+            eprintln!("hearth-vmm: the guest failed: {e}");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            eprintln!("hearth-vmm: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<GuestExit, String> {
+    if args.config.is_none() && args.api_sock.is_none() {
+        return Err("give --config, --api-sock, or both".to_owned());
+    }
+    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+    let shared = Arc::new(Shared {
+        controller: Mutex::new(Controller::new()),
+        wake,
+    });
+    if let Some(path) = &args.api_sock {
+        api_server::spawn(path, shared.clone())
+            .map_err(|e| format!("cannot serve {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut controller = lock(&shared);
+        controller.configure(&text).map_err(|e| e.to_string())?;
+        controller.start().map_err(|e| e.to_string())?;
+    }
+    wait_for_exit(&shared)
+}
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Controller> {
+    shared.controller.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Sleeps until the guest ends or a `stop` request ends the VM.
+fn wait_for_exit(shared: &Shared) -> Result<GuestExit, String> {
+    let epoll = Epoll::new().map_err(|e| format!("epoll: {e}"))?;
+    let add = |fd: i32, data: u64| {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, data),
+            )
+            .map_err(|e| format!("epoll: {e}"))
+    };
+    add(std::os::fd::AsRawFd::as_raw_fd(&shared.wake), WAKE)?;
+    let mut watching_guest = false;
+    let mut events = vec![EpollEvent::default(); 4];
+    loop {
+        {
+            let controller = lock(shared);
+            if controller.state() == VmState::Exited {
+                return Ok(controller.exit().cloned().unwrap_or(GuestExit::Shutdown));
+            }
+            if let (false, Some(vm)) = (watching_guest, controller.vm()) {
+                add(std::os::fd::AsRawFd::as_raw_fd(&vm.shared.exit_evt), GUEST_EXIT)?;
+                watching_guest = true;
+            }
+        }
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("epoll: {e}")),
+        };
+        for event in &events[..n] {
+            match event.data() {
+                WAKE => {
+                    let _ = shared.wake.read();
+                }
+                GUEST_EXIT => {
+                    let exit = lock(shared).on_guest_exit();
+                    log::info!("guest ended: {exit:?}");
+                    return Ok(exit);
+                }
+                _ => {}
+            }
+        }
+    }
 }

@@ -3,5 +3,11 @@
 //! emulated devices, and the versioned snapshot format. The `hearth-vmm` binary in
 //! `crates/vmm-bin` wraps it with a control socket and a jailer.
 
+pub mod arch;
+pub mod builder;
+pub mod config;
+pub mod device_manager;
 pub mod devices;
 pub mod kvm_host;
+pub mod rpc;
+pub mod vstate;

@@ -2,4 +2,5 @@
 //! MMIO transport (`virtio`), and the buses that route vCPU exits to them (`bus`).
 
 pub mod bus;
+pub mod legacy;
 pub mod virtio;

@@ -7,6 +7,11 @@
 //! through ioeventfds when the guest writes QueueNotify; the transport signals them itself when
 //! a write reaches userspace) and raises interrupts through an [`IrqTrigger`].
 
+pub mod block;
+pub mod mmio;
+pub mod rng;
+pub mod vsock;
+
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

@@ -1,0 +1,95 @@
+//! The control socket: a Unix socket that takes one JSON request per line and answers each
+//! with one JSON line (`vmm::rpc`). Each connection gets a thread; requests are carried out
+//! one at a time under the controller's lock. A request line over the size limit, or bytes
+//! that are not UTF-8, get an error response; they never take the VMM down.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+
+use vmm::rpc::{self, VmState};
+
+use crate::Shared;
+
+/// Binds `path` (replacing a stale socket) and serves it on a thread.
+pub fn spawn(path: &Path, shared: Arc<Shared>) -> std::io::Result<()> {
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::thread::Builder::new()
+        .name("api".to_owned())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let shared = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("api-conn".to_owned())
+                    .spawn(move || serve(stream, &shared));
+                if let Err(e) = spawned {
+                    log::warn!("cannot serve a control connection: {e}");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+fn serve(stream: UnixStream, shared: &Shared) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream).take(u64::MAX);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        reader.set_limit(rpc::MAX_REQUEST_BYTES as u64 + 1);
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let response = if line.len() > rpc::MAX_REQUEST_BYTES {
+            let _ = skip_line(&mut reader);
+            error_line("request over the size limit")
+        } else {
+            match std::str::from_utf8(&line) {
+                Ok(text) => handle(shared, text.trim_end()),
+                Err(_) => error_line("request is not UTF-8"),
+            }
+        };
+        if writer.write_all(format!("{response}\n").as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+fn skip_line(reader: &mut impl BufRead) -> std::io::Result<()> {
+    let mut sink = Vec::new();
+    loop {
+        sink.clear();
+        let n = reader.read_until(b'\n', &mut sink)?;
+        if n == 0 || sink.ends_with(b"\n") {
+            return Ok(());
+        }
+    }
+}
+
+fn error_line(message: &str) -> String {
+    serde_json::json!({
+        "version": rpc::PROTOCOL_VERSION,
+        "ok": false,
+        "error": {"field": null, "message": message},
+    })
+    .to_string()
+}
+
+fn handle(shared: &Shared, line: &str) -> String {
+    let mut controller = shared.controller.lock().unwrap_or_else(|e| e.into_inner());
+    let before = controller.state();
+    let response = controller.handle_line(line);
+    let after = controller.state();
+    drop(controller);
+    if before != after && matches!(after, VmState::Running | VmState::Exited) {
+        let _ = shared.wake.write(1);
+    }
+    response
+}

@@ -1,0 +1,176 @@
+//! `hearth-vmm` booting the project's guest kernel on real KVM (run by `cargo xtask test` in
+//! the test bed). Each test writes a config, runs the binary to the guest's power-off, and
+//! checks what the guest printed on its serial console or wrote to its disks.
+//!
+//! The guest is the busybox test image: its init runs the command after `--` on the kernel
+//! command line, prints `hearth-init: exit status N` and resets the machine through the i8042.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn asset(var: &str) -> PathBuf {
+    PathBuf::from(std::env::var_os(var).unwrap_or_else(|| panic!("{var} is not set: run `cargo xtask test`")))
+}
+
+/// A scratch directory for one test, removed at the end.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("hearth-kvm-boot-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Self(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Boot {
+    output: Output,
+    console: String,
+}
+
+/// Boots the busybox image with `vcpus`, `memory_mib`, extra drives, running `command`.
+fn boot(scratch: &Scratch, vcpus: u8, memory_mib: u64, drives: serde_json::Value, command: &str) -> Boot {
+    let console = scratch.path("console.log");
+    let mut all_drives = vec![serde_json::json!({
+        "id": "root", "path": asset("HEARTH_TEST_ROOTFS_BUSYBOX"), "read_only": true, "root": true
+    })];
+    all_drives.extend(drives.as_array().cloned().unwrap_or_default());
+    let config = serde_json::json!({
+        "version": 1,
+        "machine": {"vcpus": vcpus, "memory_mib": memory_mib},
+        "boot": {
+            "kernel": asset("HEARTH_TEST_KERNEL"),
+            "cmdline": format!("console=ttyS0 reboot=k panic=-1 quiet -- {command}")
+        },
+        "drives": all_drives,
+        "serial": {"output": "file", "path": console},
+    });
+    let config_path = scratch.path("vm.json");
+    std::fs::write(&config_path, config.to_string()).expect("write config");
+    let output = run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_hearth-vmm")).arg("--config").arg(&config_path),
+        Duration::from_secs(300),
+    );
+    let console = std::fs::read_to_string(&console).unwrap_or_default().replace("\r\n", "\n");
+    Boot { output, console }
+}
+
+fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start hearth-vmm");
+    let start = std::time::Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("hearth-vmm did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+fn value_after<'a>(console: &'a str, key: &str) -> Option<&'a str> {
+    console.lines().find_map(|l| l.trim().strip_prefix(key))
+}
+
+fn assert_clean_exit(boot: &Boot) {
+    assert!(
+        boot.output.status.success(),
+        "hearth-vmm failed: {:?}\nstderr: {}\nconsole:\n{}",
+        boot.output.status,
+        String::from_utf8_lossy(&boot.output.stderr),
+        boot.console
+    );
+    assert_eq!(
+        value_after(&boot.console, "hearth-init: exit status "),
+        Some("0"),
+        "console:\n{}",
+        boot.console
+    );
+}
+
+fn make_ext4(path: &Path, mib: u64) {
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "data"])
+        .arg(path)
+        .arg(format!("{mib}M"))
+        .status()
+        .expect("mkfs.ext4");
+    assert!(status.success());
+}
+
+#[test]
+#[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
+fn test_boot_writes_file_to_second_disk_host_reads_it() {
+    let scratch = Scratch::new("disk");
+    let data = scratch.path("data.ext4");
+    make_ext4(&data, 16);
+    let drives = serde_json::json!([{"id": "data", "path": data}]);
+
+    let boot = boot(&scratch, 1, 128, drives, "mount /dev/vdb /mnt && echo written-by-guest > /mnt/out.txt && umount /mnt");
+
+    assert_clean_exit(&boot);
+    let out = Command::new("debugfs").args(["-R", "cat /out.txt"]).arg(&data).output().expect("debugfs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "written-by-guest");
+}
+
+#[test]
+#[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
+fn test_boot_nproc_matches_vcpus() {
+    for vcpus in [1u8, 2, 4] {
+        let scratch = Scratch::new(&format!("nproc{vcpus}"));
+
+        let boot = boot(&scratch, vcpus, 128, serde_json::json!([]), "echo nproc=$(nproc)");
+
+        assert_clean_exit(&boot);
+        assert_eq!(value_after(&boot.console, "nproc="), Some(vcpus.to_string().as_str()));
+    }
+}
+
+#[test]
+#[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
+fn test_boot_memory_shows_in_meminfo() {
+    for mib in [128u64, 2048] {
+        let scratch = Scratch::new(&format!("mem{mib}"));
+
+        let boot = boot(&scratch, 1, mib, serde_json::json!([]), "grep MemTotal /proc/meminfo");
+
+        assert_clean_exit(&boot);
+        let kib: u64 = value_after(&boot.console, "MemTotal:")
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("MemTotal on the console");
+        // The kernel keeps its own image and reservations out of MemTotal.
+        assert!(kib <= mib * 1024 && kib >= mib * 1024 * 8 / 10, "MemTotal {kib} kB for {mib} MiB");
+    }
+}
+
+#[test]
+#[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
+fn test_boot_read_only_disk_rejects_writes() {
+    let scratch = Scratch::new("ro");
+    let data = scratch.path("ro.img");
+    std::fs::write(&data, vec![0u8; 1 << 20]).expect("image");
+    let drives = serde_json::json!([{"id": "ro", "path": data, "read_only": true}]);
+
+    let boot = boot(&scratch, 1, 128, drives, "echo x | dd of=/dev/vdb 2>/dev/null; echo dd=$?; cat /sys/block/vdb/ro");
+
+    assert_clean_exit(&boot);
+    assert_ne!(value_after(&boot.console, "dd="), Some("0"));
+    assert_eq!(std::fs::read(&data).expect("read image"), vec![0u8; 1 << 20]);
+}

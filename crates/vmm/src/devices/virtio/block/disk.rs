@@ -1,0 +1,356 @@
+//! The disk image behind a virtio-blk device: a raw file (or host block device) opened
+//! read-only or read-write, and positional I/O (`pread`/`pwrite`) straight between the file and
+//! guest memory, so the worker never seeks and never copies through a buffer.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use log::warn;
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryError, ReadVolatile, VolatileMemoryError, VolatileSlice,
+    WriteVolatile,
+};
+
+use super::{ID_BYTES, SECTOR_SIZE};
+use crate::devices::virtio::GuestMemoryMmap;
+
+/// Why the disk could not be opened or accessed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The image could not be opened.
+    #[error("cannot open the disk image {}", path.display())]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The image's size could not be determined.
+    #[error("cannot determine the size of the disk image {}", path.display())]
+    Size {
+        /// The image.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The ID does not fit the 20 bytes GET_ID returns.
+    #[error("the disk ID is {len} bytes long, the limit is 20")]
+    IdTooLong {
+        /// The length of the ID given.
+        len: usize,
+    },
+    /// A write reached a read-only disk.
+    #[error("the disk is read-only")]
+    ReadOnly,
+    /// Moving data between the image and guest memory failed.
+    #[error("disk I/O at byte {offset} failed")]
+    Io {
+        /// The offset into the image.
+        offset: u64,
+        /// The cause.
+        #[source]
+        source: GuestMemoryError,
+    },
+    /// fdatasync failed.
+    #[error("cannot flush the disk image")]
+    Flush(#[source] io::Error),
+}
+
+/// An open disk image.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    read_only: bool,
+    sectors: u64,
+    id: Option<[u8; ID_BYTES]>,
+}
+
+impl Disk {
+    /// Opens the image at `path`; its capacity is its size in whole sectors. `id` is what
+    /// GET_ID returns, at most 20 bytes (zero-padded).
+    pub fn open(path: &Path, read_only: bool, id: Option<&str>) -> Result<Self, DiskError> {
+        let id = id.map(pad_id).transpose()?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| DiskError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        // Seeking to the end also sizes host block devices, whose metadata length is 0.
+        let len = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| DiskError::Size {
+                path: path.to_owned(),
+                source,
+            })?;
+        if len % SECTOR_SIZE != 0 {
+            warn!(
+                "disk image {} is {len} bytes, not a whole number of sectors; \
+                 the guest will not see the last {} bytes",
+                path.display(),
+                len % SECTOR_SIZE
+            );
+        }
+        Ok(Self {
+            file,
+            read_only,
+            sectors: len / SECTOR_SIZE,
+            id,
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    /// Whether the guest may only read.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The GET_ID string, zero-padded to 20 bytes.
+    pub fn id(&self) -> Option<&[u8; ID_BYTES]> {
+        self.id.as_ref()
+    }
+
+    /// Reads `len` bytes at image `offset` into guest memory at `addr`.
+    pub fn read_to_guest(
+        &self,
+        mem: &GuestMemoryMmap,
+        addr: GuestAddress,
+        len: usize,
+        offset: u64,
+    ) -> Result<(), DiskError> {
+        let mut cursor = FileCursor {
+            file: &self.file,
+            offset,
+        };
+        mem.read_exact_volatile_from(addr, &mut cursor, len)
+            .map_err(|source| DiskError::Io { offset, source })
+    }
+
+    /// Writes `len` bytes of guest memory at `addr` to image `offset`.
+    pub fn write_from_guest(
+        &self,
+        mem: &GuestMemoryMmap,
+        addr: GuestAddress,
+        len: usize,
+        offset: u64,
+    ) -> Result<(), DiskError> {
+        if self.read_only {
+            return Err(DiskError::ReadOnly);
+        }
+        let mut cursor = FileCursor {
+            file: &self.file,
+            offset,
+        };
+        mem.write_all_volatile_to(addr, &mut cursor, len)
+            .map_err(|source| DiskError::Io { offset, source })
+    }
+
+    /// Makes written data durable (fdatasync). A read-only disk has nothing to flush.
+    pub fn flush(&self) -> Result<(), DiskError> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(DiskError::Flush)
+    }
+}
+
+fn pad_id(id: &str) -> Result<[u8; ID_BYTES], DiskError> {
+    let bytes = id.as_bytes();
+    let mut padded = [0u8; ID_BYTES];
+    padded
+        .get_mut(..bytes.len())
+        .ok_or(DiskError::IdTooLong { len: bytes.len() })?
+        .copy_from_slice(bytes);
+    Ok(padded)
+}
+
+/// Positional access to a file: each transfer starts at `offset` and advances it. A single
+/// `read_volatile` loops until the slice is full or the file ends, so a short `pread` never
+/// turns into an error.
+struct FileCursor<'a> {
+    file: &'a File,
+    offset: u64,
+}
+
+impl FileCursor<'_> {
+    fn file_offset(&self, done: usize) -> Result<libc::off_t, VolatileMemoryError> {
+        self.offset
+            .checked_add(done as u64)
+            .and_then(|offset| libc::off_t::try_from(offset).ok())
+            .ok_or_else(|| VolatileMemoryError::IOError(io::ErrorKind::InvalidInput.into()))
+    }
+
+    fn advance(&mut self, done: usize) {
+        self.offset = self.offset.saturating_add(done as u64);
+    }
+}
+
+impl ReadVolatile for FileCursor<'_> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let guard = buf.ptr_guard_mut();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let offset = self.file_offset(done)?;
+            // SAFETY: the fd is open for as long as `self.file` is borrowed. `guard` keeps the
+            // slice's memory mapped; `as_ptr() + done` stays inside it since `done < len`, and
+            // pread writes at most `len - done` bytes from there. Guest memory may change under
+            // us, which the kernel copy tolerates.
+            let ret = unsafe {
+                libc::pread(
+                    self.file.as_raw_fd(),
+                    guard.as_ptr().add(done).cast(),
+                    buf.len() - done,
+                    offset,
+                )
+            };
+            match usize::try_from(ret) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    buf.bitmap().mark_dirty(0, buf.len());
+                    return Err(VolatileMemoryError::IOError(e));
+                }
+            }
+        }
+        buf.bitmap().mark_dirty(0, done);
+        self.advance(done);
+        Ok(done)
+    }
+}
+
+impl WriteVolatile for FileCursor<'_> {
+    fn write_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        let guard = buf.ptr_guard();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let offset = self.file_offset(done)?;
+            // SAFETY: the fd is open for as long as `self.file` is borrowed. `guard` keeps the
+            // slice's memory mapped; `as_ptr() + done` stays inside it since `done < len`, and
+            // pwrite reads at most `len - done` bytes from there.
+            let ret = unsafe {
+                libc::pwrite(
+                    self.file.as_raw_fd(),
+                    guard.as_ptr().add(done).cast(),
+                    buf.len() - done,
+                    offset,
+                )
+            };
+            match usize::try_from(ret) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(VolatileMemoryError::IOError(e));
+                }
+            }
+        }
+        self.advance(done);
+        Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_utils::TempImage;
+    use super::*;
+    use crate::devices::virtio::mmio::testing::{guest_memory, DATA_ADDR};
+
+    #[test]
+    fn test_disk_open_capacity_rounds_down_to_sectors() {
+        let image = TempImage::with_len(3 * 512 + 100);
+
+        let disk = Disk::open(image.path(), false, None).expect("open");
+
+        assert_eq!(disk.sectors(), 3);
+    }
+
+    #[test]
+    fn test_disk_open_missing_file_fails() {
+        let path = Path::new("/nonexistent/hearth/disk.img");
+
+        let result = Disk::open(path, true, None);
+
+        assert!(matches!(result, Err(DiskError::Open { .. })));
+    }
+
+    #[test]
+    fn test_disk_open_id_longer_than_20_bytes_fails() {
+        let image = TempImage::with_len(512);
+
+        let result = Disk::open(image.path(), true, Some("an-id-that-is-too-long"));
+
+        assert!(matches!(result, Err(DiskError::IdTooLong { len: 22 })));
+    }
+
+    #[test]
+    fn test_disk_open_short_id_is_zero_padded() {
+        let image = TempImage::with_len(512);
+
+        let disk = Disk::open(image.path(), true, Some("hearth")).expect("open");
+
+        let mut expected = [0u8; ID_BYTES];
+        expected[..6].copy_from_slice(b"hearth");
+        assert_eq!(disk.id(), Some(&expected));
+    }
+
+    #[test]
+    fn test_disk_read_to_guest_copies_at_offset() {
+        let image = TempImage::with_pattern(4 * 512);
+        let disk = Disk::open(image.path(), true, None).expect("open");
+        let mem = guest_memory();
+
+        disk.read_to_guest(&mem, GuestAddress(DATA_ADDR), 512, 1024)
+            .expect("read");
+
+        let mut data = vec![0u8; 512];
+        mem.read_slice(&mut data, GuestAddress(DATA_ADDR))
+            .expect("guest");
+        assert_eq!(data, image.contents()[1024..1536]);
+    }
+
+    #[test]
+    fn test_disk_read_past_end_of_file_fails() {
+        let image = TempImage::with_len(512);
+        let disk = Disk::open(image.path(), true, None).expect("open");
+        let mem = guest_memory();
+
+        let result = disk.read_to_guest(&mem, GuestAddress(DATA_ADDR), 1024, 0);
+
+        assert!(matches!(result, Err(DiskError::Io { offset: 0, .. })));
+    }
+
+    #[test]
+    fn test_disk_write_from_guest_on_read_only_disk_fails() {
+        let image = TempImage::with_pattern(512);
+        let disk = Disk::open(image.path(), true, None).expect("open");
+        let mem = guest_memory();
+
+        let result = disk.write_from_guest(&mem, GuestAddress(DATA_ADDR), 512, 0);
+
+        assert!(matches!(result, Err(DiskError::ReadOnly)));
+    }
+}

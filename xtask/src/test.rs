@@ -1,0 +1,145 @@
+//! `cargo xtask test`: every test of the workspace, as the README's test command and CI run
+//! them. Formatting and lints first, then the unit tests (anywhere), then the assets the KVM
+//! suites boot (guest kernel, root filesystems), then the KVM suites in the test bed.
+//!
+//! A KVM suite is an integration test target named `kvm_*` in some crate's `tests/`; its tests
+//! are `#[ignore]`d so that a plain `cargo test` anywhere skips them, and run here with
+//! `--ignored`. They find the assets through `HEARTH_TEST_KERNEL`,
+//! `HEARTH_TEST_ROOTFS_BUSYBOX` and `HEARTH_TEST_ROOTFS_DEBIAN`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{deps, kernel, rootfs, testbed, util};
+
+/// Runs every check and test; fails on the first that fails.
+pub fn run() -> Result<()> {
+    deps::ensure()?;
+    step("format", || {
+        util::run(cargo().args(["fmt", "--all", "--", "--check"]))
+    })?;
+    step("lints", || {
+        util::run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    step("unit tests", || {
+        util::run(cargo().args(["test", "--workspace"]))
+    })?;
+    let assets = step("test assets", TestAssets::build)?;
+    assets.export();
+    let suites = step("build KVM suites", kvm_suites)?;
+    step("KVM suites in the test bed", || run_in_testbed(&suites))
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn step<T>(name: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    eprintln!("xtask test: {name}");
+    let start = std::time::Instant::now();
+    let out = f().with_context(|| format!("step `{name}` failed"))?;
+    eprintln!(
+        "xtask test: {name} done in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(out)
+}
+
+/// What the KVM suites boot.
+#[derive(Debug)]
+pub struct TestAssets {
+    pub kernel: PathBuf,
+    pub busybox: PathBuf,
+    pub debian: PathBuf,
+}
+
+impl TestAssets {
+    /// Builds (or finds in the cache) the guest kernel and the test root filesystems.
+    pub fn build() -> Result<Self> {
+        Ok(Self {
+            kernel: kernel::build()?,
+            busybox: rootfs::busybox()?,
+            debian: rootfs::debian()?,
+        })
+    }
+
+    /// Puts the asset paths in this process's environment, which the test bed passes on.
+    pub fn export(&self) {
+        std::env::set_var("HEARTH_TEST_KERNEL", &self.kernel);
+        std::env::set_var("HEARTH_TEST_ROOTFS_BUSYBOX", &self.busybox);
+        std::env::set_var("HEARTH_TEST_ROOTFS_DEBIAN", &self.debian);
+    }
+}
+
+/// Builds the workspace's tests and returns the executables of the `kvm_*` test targets.
+fn kvm_suites() -> Result<Vec<PathBuf>> {
+    let out = util::output(cargo().args([
+        "test",
+        "--workspace",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]))?;
+    let suites = kvm_executables(&out);
+    if suites.is_empty() {
+        bail!("no kvm_* test targets found");
+    }
+    Ok(suites)
+}
+
+/// The executables of test targets named `kvm_*` in cargo's JSON messages.
+fn kvm_executables(cargo_json: &str) -> Vec<PathBuf> {
+    cargo_json
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|msg| msg["reason"] == "compiler-artifact")
+        .filter(|msg| msg["target"]["kind"][0] == "test")
+        .filter(|msg| {
+            msg["target"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("kvm_"))
+        })
+        .filter_map(|msg| msg["executable"].as_str().map(PathBuf::from))
+        .collect()
+}
+
+fn run_in_testbed(suites: &[PathBuf]) -> Result<()> {
+    let mut script = String::from("set -e\n");
+    for suite in suites {
+        script.push_str(&format!(
+            "echo \"== {0}\"\n'{0}' --ignored --test-threads=1\n",
+            suite.display()
+        ));
+    }
+    let args = testbed::Args::for_command(vec!["bash".into(), "-c".into(), script])?;
+    let code = testbed::run(&args)?;
+    if code != 0 {
+        bail!("KVM suites failed with exit status {code}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_kvm_executables_picks_kvm_test_targets_only() {
+        let json = r#"{"reason":"compiler-artifact","target":{"kind":["test"],"name":"kvm_loop"},"executable":"/t/kvm_loop-1"}
+{"reason":"compiler-artifact","target":{"kind":["test"],"name":"blk"},"executable":"/t/blk-2"}
+{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"kvm_x"},"executable":null}
+{"reason":"build-finished","success":true}"#;
+
+        let found = kvm_executables(json);
+
+        assert_eq!(found, vec![PathBuf::from("/t/kvm_loop-1")]);
+    }
+}
