@@ -107,8 +107,8 @@ impl MicrovmBoot<'_> {
             std::thread::sleep(Duration::from_millis(5));
         };
         let wall = start.elapsed();
-        let console = String::from_utf8_lossy(&reader.join().unwrap_or_default())
-            .replace("\r\n", "\n");
+        let console =
+            String::from_utf8_lossy(&reader.join().unwrap_or_default()).replace("\r\n", "\n");
         if !status.success() {
             let mut stderr = String::new();
             if let Some(mut e) = child.stderr.take() {

@@ -62,7 +62,9 @@ impl Args {
             #[command(flatten)]
             args: Args,
         }
-        let argv = ["testbed".to_owned(), "--".to_owned()].into_iter().chain(command);
+        let argv = ["testbed".to_owned(), "--".to_owned()]
+            .into_iter()
+            .chain(command);
         Ok(<Wrapper as clap::Parser>::try_parse_from(argv)?.args)
     }
 }

@@ -2,5 +2,9 @@
 #![forbid(unsafe_code)]
 
 fn main() {
-    println!("hearth {} (API {})", env!("CARGO_PKG_VERSION"), api_types::API_VERSION);
+    println!(
+        "hearth {} (API {})",
+        env!("CARGO_PKG_VERSION"),
+        api_types::API_VERSION
+    );
 }

@@ -3,5 +3,9 @@
 #![forbid(unsafe_code)]
 
 fn main() {
-    println!("hearthd {} (API {})", env!("CARGO_PKG_VERSION"), api_types::API_VERSION);
+    println!(
+        "hearthd {} (API {})",
+        env!("CARGO_PKG_VERSION"),
+        api_types::API_VERSION
+    );
 }

@@ -47,16 +47,21 @@ fn serve(stream: UnixStream, shared: &Shared) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let response = if line.len() > rpc::MAX_REQUEST_BYTES {
+        let (response, wake) = if line.len() > rpc::MAX_REQUEST_BYTES {
             let _ = skip_line(&mut reader);
-            error_line("request over the size limit")
+            (error_line("request over the size limit"), false)
         } else {
             match std::str::from_utf8(&line) {
                 Ok(text) => handle(shared, text.trim_end()),
-                Err(_) => error_line("request is not UTF-8"),
+                Err(_) => (error_line("request is not UTF-8"), false),
             }
         };
-        if writer.write_all(format!("{response}\n").as_bytes()).is_err() {
+        let written = writer.write_all(format!("{response}\n").as_bytes());
+        // Wake the main loop only once the answer is out: after `stop` it ends the process.
+        if wake {
+            let _ = shared.wake.write(1);
+        }
+        if written.is_err() {
             return;
         }
     }
@@ -82,14 +87,12 @@ fn error_line(message: &str) -> String {
     .to_string()
 }
 
-fn handle(shared: &Shared, line: &str) -> String {
+/// Carries out one request; says whether the main loop must look at the new state.
+fn handle(shared: &Shared, line: &str) -> (String, bool) {
     let mut controller = shared.controller.lock().unwrap_or_else(|e| e.into_inner());
     let before = controller.state();
     let response = controller.handle_line(line);
     let after = controller.state();
-    drop(controller);
-    if before != after && matches!(after, VmState::Running | VmState::Exited) {
-        let _ = shared.wake.write(1);
-    }
-    response
+    let wake = before != after && matches!(after, VmState::Running | VmState::Exited);
+    (response, wake)
 }

@@ -9,7 +9,12 @@ impl log::Log for StderrLogger {
 
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
-            eprintln!("hearth-vmm {} {}: {}", record.level(), record.target(), record.args());
+            eprintln!(
+                "hearth-vmm {} {}: {}",
+                record.level(),
+                record.target(),
+                record.args()
+            );
         }
     }
 

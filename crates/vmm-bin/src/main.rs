@@ -110,7 +110,10 @@ fn wait_for_exit(shared: &Shared) -> Result<GuestExit, String> {
                 return Ok(controller.exit().cloned().unwrap_or(GuestExit::Shutdown));
             }
             if let (false, Some(vm)) = (watching_guest, controller.vm()) {
-                add(std::os::fd::AsRawFd::as_raw_fd(&vm.shared.exit_evt), GUEST_EXIT)?;
+                add(
+                    std::os::fd::AsRawFd::as_raw_fd(&vm.shared.exit_evt),
+                    GUEST_EXIT,
+                )?;
                 watching_guest = true;
             }
         }

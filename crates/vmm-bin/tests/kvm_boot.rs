@@ -10,7 +10,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 fn asset(var: &str) -> PathBuf {
-    PathBuf::from(std::env::var_os(var).unwrap_or_else(|| panic!("{var} is not set: run `cargo xtask test`")))
+    PathBuf::from(
+        std::env::var_os(var).unwrap_or_else(|| panic!("{var} is not set: run `cargo xtask test`")),
+    )
 }
 
 /// A scratch directory for one test, removed at the end.
@@ -18,7 +20,8 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("hearth-kvm-boot-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("hearth-kvm-boot-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch dir");
         Self(dir)
@@ -41,7 +44,13 @@ struct Boot {
 }
 
 /// Boots the busybox image with `vcpus`, `memory_mib`, extra drives, running `command`.
-fn boot(scratch: &Scratch, vcpus: u8, memory_mib: u64, drives: serde_json::Value, command: &str) -> Boot {
+fn boot(
+    scratch: &Scratch,
+    vcpus: u8,
+    memory_mib: u64,
+    drives: serde_json::Value,
+    command: &str,
+) -> Boot {
     let console = scratch.path("console.log");
     let mut all_drives = vec![serde_json::json!({
         "id": "root", "path": asset("HEARTH_TEST_ROOTFS_BUSYBOX"), "read_only": true, "root": true
@@ -60,10 +69,14 @@ fn boot(scratch: &Scratch, vcpus: u8, memory_mib: u64, drives: serde_json::Value
     let config_path = scratch.path("vm.json");
     std::fs::write(&config_path, config.to_string()).expect("write config");
     let output = run_with_timeout(
-        Command::new(env!("CARGO_BIN_EXE_hearth-vmm")).arg("--config").arg(&config_path),
-        Duration::from_secs(300),
+        Command::new(env!("CARGO_BIN_EXE_hearth-vmm"))
+            .arg("--config")
+            .arg(&config_path),
+        Duration::from_secs(180),
     );
-    let console = std::fs::read_to_string(&console).unwrap_or_default().replace("\r\n", "\n");
+    let console = std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .replace("\r\n", "\n");
     Boot { output, console }
 }
 
@@ -76,8 +89,10 @@ fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
     let start = std::time::Instant::now();
     while child.try_wait().expect("wait").is_none() {
         if start.elapsed() > timeout {
+            // The caller's assertions report the failure with the console attached.
+            eprintln!("hearth-vmm did not exit within {timeout:?}: killing it");
             let _ = child.kill();
-            panic!("hearth-vmm did not exit within {timeout:?}");
+            break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -122,11 +137,24 @@ fn test_boot_writes_file_to_second_disk_host_reads_it() {
     make_ext4(&data, 16);
     let drives = serde_json::json!([{"id": "data", "path": data}]);
 
-    let boot = boot(&scratch, 1, 128, drives, "mount /dev/vdb /mnt && echo written-by-guest > /mnt/out.txt && umount /mnt");
+    let boot = boot(
+        &scratch,
+        1,
+        128,
+        drives,
+        "mount /dev/vdb /mnt && echo written-by-guest > /mnt/out.txt && umount /mnt",
+    );
 
     assert_clean_exit(&boot);
-    let out = Command::new("debugfs").args(["-R", "cat /out.txt"]).arg(&data).output().expect("debugfs");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "written-by-guest");
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /out.txt"])
+        .arg(&data)
+        .output()
+        .expect("debugfs");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "written-by-guest"
+    );
 }
 
 #[test]
@@ -135,10 +163,19 @@ fn test_boot_nproc_matches_vcpus() {
     for vcpus in [1u8, 2, 4] {
         let scratch = Scratch::new(&format!("nproc{vcpus}"));
 
-        let boot = boot(&scratch, vcpus, 128, serde_json::json!([]), "echo nproc=$(nproc)");
+        let boot = boot(
+            &scratch,
+            vcpus,
+            128,
+            serde_json::json!([]),
+            "echo nproc=$(nproc)",
+        );
 
         assert_clean_exit(&boot);
-        assert_eq!(value_after(&boot.console, "nproc="), Some(vcpus.to_string().as_str()));
+        assert_eq!(
+            value_after(&boot.console, "nproc="),
+            Some(vcpus.to_string().as_str())
+        );
     }
 }
 
@@ -148,7 +185,13 @@ fn test_boot_memory_shows_in_meminfo() {
     for mib in [128u64, 2048] {
         let scratch = Scratch::new(&format!("mem{mib}"));
 
-        let boot = boot(&scratch, 1, mib, serde_json::json!([]), "grep MemTotal /proc/meminfo");
+        let boot = boot(
+            &scratch,
+            1,
+            mib,
+            serde_json::json!([]),
+            "grep MemTotal /proc/meminfo",
+        );
 
         assert_clean_exit(&boot);
         let kib: u64 = value_after(&boot.console, "MemTotal:")
@@ -156,7 +199,10 @@ fn test_boot_memory_shows_in_meminfo() {
             .and_then(|v| v.parse().ok())
             .expect("MemTotal on the console");
         // The kernel keeps its own image and reservations out of MemTotal.
-        assert!(kib <= mib * 1024 && kib >= mib * 1024 * 8 / 10, "MemTotal {kib} kB for {mib} MiB");
+        assert!(
+            kib <= mib * 1024 && kib >= mib * 1024 * 8 / 10,
+            "MemTotal {kib} kB for {mib} MiB"
+        );
     }
 }
 
@@ -168,9 +214,110 @@ fn test_boot_read_only_disk_rejects_writes() {
     std::fs::write(&data, vec![0u8; 1 << 20]).expect("image");
     let drives = serde_json::json!([{"id": "ro", "path": data, "read_only": true}]);
 
-    let boot = boot(&scratch, 1, 128, drives, "echo x | dd of=/dev/vdb 2>/dev/null; echo dd=$?; cat /sys/block/vdb/ro");
+    let boot = boot(
+        &scratch,
+        1,
+        128,
+        drives,
+        "echo x | dd of=/dev/vdb 2>/dev/null; echo dd=$?; cat /sys/block/vdb/ro",
+    );
 
     assert_clean_exit(&boot);
     assert_ne!(value_after(&boot.console, "dd="), Some("0"));
-    assert_eq!(std::fs::read(&data).expect("read image"), vec![0u8; 1 << 20]);
+    assert_eq!(
+        std::fs::read(&data).expect("read image"),
+        vec![0u8; 1 << 20]
+    );
+}
+
+/// Sends one request line on the control socket and returns the parsed response.
+fn request(sock: &Path, line: &str) -> serde_json::Value {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(sock).expect("connect control socket");
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .expect("send");
+    let mut response = String::new();
+    BufReader::new(stream)
+        .read_line(&mut response)
+        .expect("receive");
+    serde_json::from_str(&response).expect("response is JSON")
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+#[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
+fn test_control_socket_configure_start_describe_pause_resume_stop() {
+    let scratch = Scratch::new("ctl");
+    let sock = scratch.path("ctl.sock");
+    let console = scratch.path("console.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth-vmm"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start hearth-vmm");
+    wait_for("the control socket", Duration::from_secs(10), || {
+        sock.exists()
+    });
+    let config = serde_json::json!({
+        "version": 1,
+        "machine": {"vcpus": 2, "memory_mib": 256},
+        "boot": {
+            "kernel": asset("HEARTH_TEST_KERNEL"),
+            "cmdline": "console=ttyS0 reboot=k panic=-1 quiet -- devmem 0xd0000000 8 123; echo userspace-up; sleep 600"
+        },
+        "drives": [{"id": "root", "path": asset("HEARTH_TEST_ROOTFS_BUSYBOX"), "read_only": true, "root": true}],
+        "serial": {"output": "file", "path": console},
+    });
+
+    let bad = request(
+        &sock,
+        r#"{"version":1,"action":"configure","config":{"version":1,"machine":{"vcpus":1,"memory_mib":100000},"boot":{"kernel":"/k"}}}"#,
+    );
+    let configured = request(
+        &sock,
+        &serde_json::json!({"version": 1, "action": "configure", "config": config}).to_string(),
+    );
+    let started = request(&sock, r#"{"version":1,"action":"start"}"#);
+    wait_for("the guest's userspace", Duration::from_secs(120), || {
+        std::fs::read_to_string(&console).is_ok_and(|c| c.contains("userspace-up"))
+    });
+    let described = request(&sock, r#"{"version":1,"action":"describe"}"#);
+    let paused = request(&sock, r#"{"version":1,"action":"pause"}"#);
+    let described_paused = request(&sock, r#"{"version":1,"action":"describe"}"#);
+    let resumed = request(&sock, r#"{"version":1,"action":"resume"}"#);
+    let stopped = request(&sock, r#"{"version":1,"action":"stop"}"#);
+    let status = child.wait().expect("wait");
+
+    assert_eq!(bad["error"]["field"], "machine.memory_mib");
+    assert_eq!(configured["result"]["state"], "configured");
+    assert_eq!(started["result"]["state"], "running", "{started}");
+    assert_eq!(described["result"]["state"], "running");
+    assert!(
+        described["result"]["boot_to_userspace_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms > 0.0),
+        "{described}"
+    );
+    assert!(
+        described["result"]["memory"]["vmm_overhead_bytes"]
+            .as_u64()
+            .is_some_and(|b| b > 0),
+        "{described}"
+    );
+    assert_eq!(described["result"]["vcpus"], 2);
+    assert_eq!(paused["result"]["state"], "paused");
+    assert_eq!(described_paused["result"]["state"], "paused");
+    assert_eq!(resumed["result"]["state"], "running");
+    assert_eq!(stopped["result"]["state"], "exited");
+    assert!(status.success());
 }

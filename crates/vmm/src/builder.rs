@@ -156,7 +156,11 @@ fn kernel_cmdline(config: &VmConfig, devices: &MmioDeviceManager) -> String {
     let mut parts = vec![kernel_part];
     if let Some(pos) = config.drives.iter().position(|d| d.root) {
         let letter = (b'a' + pos as u8) as char;
-        let mode = if config.drives[pos].read_only { "ro" } else { "rw" };
+        let mode = if config.drives[pos].read_only {
+            "ro"
+        } else {
+            "rw"
+        };
         parts.push(format!("root=/dev/vd{letter} {mode}"));
     }
     parts.extend(devices.cmdline_entries());
@@ -184,8 +188,12 @@ pub fn build_and_start(config: &VmConfig) -> Result<MicroVm, BuildError> {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
         vm.register_irqfd(&irq, layout::SERIAL_IRQ)?;
         let serial = SerialDevice::new(EventFdTrigger(irq), out);
-        pio.insert(Arc::new(Mutex::new(serial)), serial::COM1_PORT, serial::PORT_LEN)
-            .map_err(BuildError::Bus)?;
+        pio.insert(
+            Arc::new(Mutex::new(serial)),
+            serial::COM1_PORT,
+            serial::PORT_LEN,
+        )
+        .map_err(BuildError::Bus)?;
     }
     let reset = exit_evt.try_clone().map_err(BuildError::EventFd)?;
     pio.insert(

@@ -137,7 +137,9 @@ impl VmConfig {
             Some(v) => {
                 return Err(ConfigError::new(
                     "version",
-                    format!("version {v} is not supported (this VMM reads version {CONFIG_VERSION})"),
+                    format!(
+                        "version {v} is not supported (this VMM reads version {CONFIG_VERSION})"
+                    ),
                 ))
             }
             None => return Err(ConfigError::new("version", "missing or not a number")),
@@ -200,7 +202,10 @@ impl VmConfig {
                 ));
             }
             if v.uds_path.as_os_str().is_empty() {
-                return Err(ConfigError::new("vsock.uds_path", "must name a socket path"));
+                return Err(ConfigError::new(
+                    "vsock.uds_path",
+                    "must name a socket path",
+                ));
             }
         }
         if self.serial.output == SerialOutput::File && self.serial.path.is_none() {

@@ -217,10 +217,13 @@ impl Controller {
 
     /// Records that the guest ended (the vCPUs said so) and stops the vCPUs.
     pub fn on_guest_exit(&mut self) -> GuestExit {
-        let reported = self
-            .vm
-            .as_ref()
-            .and_then(|vm| vm.shared.exit.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        let reported = self.vm.as_ref().and_then(|vm| {
+            vm.shared
+                .exit
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        });
         let exit = reported.unwrap_or(GuestExit::Shutdown);
         let _ = self.stop();
         self.exit = Some(exit.clone());
@@ -382,7 +385,9 @@ mod tests {
 
         let err = c.start().expect_err("no kernel");
 
-        assert!(err.to_string().contains("/nonexistent/vmlinux") || err.to_string().contains("kvm"));
+        assert!(
+            err.to_string().contains("/nonexistent/vmlinux") || err.to_string().contains("kvm")
+        );
         assert_eq!(c.state(), VmState::Configured);
     }
 }

@@ -161,7 +161,10 @@ mod tests {
 
         assert_eq!(
             bus.insert(shared(), 0x108, 0x10),
-            Err(BusError::Overlap { base: 0x108, len: 0x10 })
+            Err(BusError::Overlap {
+                base: 0x108,
+                len: 0x10
+            })
         );
         assert!(bus.insert(shared(), 0xf8, 0x10).is_err());
         assert!(bus.insert(shared(), 0x110, 0x10).is_ok());

@@ -81,7 +81,8 @@ mod tests {
         let before = resident_bytes(&mem);
 
         for i in 0..16u64 {
-            mem.write_obj(1u8, GuestAddress(i * 4096 + (1 << 20))).expect("write");
+            mem.write_obj(1u8, GuestAddress(i * 4096 + (1 << 20)))
+                .expect("write");
         }
 
         assert!(resident_bytes(&mem) >= before + 16 * 4096);

@@ -356,12 +356,13 @@ fn handle_exit(exit: VcpuExit<'_>, shared: &VcpuShared) -> Option<GuestExit> {
                 "KVM entry failed (hardware reason {reason:#x}, cpu {cpu})"
             )))
         }
-        VcpuExit::InternalError => {
-            return Some(GuestExit::Error("KVM internal error".to_owned()))
-        }
+        VcpuExit::InternalError => return Some(GuestExit::Error("KVM internal error".to_owned())),
         VcpuExit::Hlt | VcpuExit::Intr => {}
         other => {
-            shared.metrics.unhandled_exits.fetch_add(1, Ordering::Relaxed);
+            shared
+                .metrics
+                .unhandled_exits
+                .fetch_add(1, Ordering::Relaxed);
             log::debug!("unhandled vCPU exit {other:?}");
         }
     }

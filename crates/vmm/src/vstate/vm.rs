@@ -38,9 +38,7 @@ pub struct Vm {
 impl Vm {
     /// Creates the VM, its TSS, the in-kernel irqchip and the PIT.
     pub fn new(hypervisor: &Kvm) -> Result<Self, VmError> {
-        let fd = hypervisor
-            .create_vm()
-            .map_err(kvm("create the KVM VM"))?;
+        let fd = hypervisor.create_vm().map_err(kvm("create the KVM VM"))?;
         fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
             .map_err(kvm("set the TSS address"))?;
         fd.create_irq_chip().map_err(kvm("create the irqchip"))?;

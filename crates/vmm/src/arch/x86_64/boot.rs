@@ -104,8 +104,8 @@ pub fn load(mem: &GuestMemoryMmap, source: &BootSource<'_>) -> Result<Entry, Boo
         path: path.clone(),
         source: e,
     })?;
-    let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cmdline =
+        Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
     cmdline
         .insert_str(source.cmdline)
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -113,7 +113,12 @@ pub fn load(mem: &GuestMemoryMmap, source: &BootSource<'_>) -> Result<Entry, Boo
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
     let cmdline_size = source.cmdline.len() + 1;
 
-    let elf = Elf::load(mem, None, &mut kernel, Some(GuestAddress(layout::HIMEM_START)));
+    let elf = Elf::load(
+        mem,
+        None,
+        &mut kernel,
+        Some(GuestAddress(layout::HIMEM_START)),
+    );
     let loaded = match elf {
         Ok(result) => result,
         Err(_) => {
@@ -123,8 +128,13 @@ pub fn load(mem: &GuestMemoryMmap, source: &BootSource<'_>) -> Result<Entry, Boo
                     path: path.clone(),
                     source: e,
                 })?;
-            BzImage::load(mem, None, &mut kernel, Some(GuestAddress(layout::HIMEM_START)))
-                .map_err(|_| BootError::UnknownFormat { path: path.clone() })?
+            BzImage::load(
+                mem,
+                None,
+                &mut kernel,
+                Some(GuestAddress(layout::HIMEM_START)),
+            )
+            .map_err(|_| BootError::UnknownFormat { path: path.clone() })?
         }
     };
     let initrd = source
@@ -292,7 +302,13 @@ mod tests {
 
         let map = ram_map(&mem);
 
-        assert_eq!(map, vec![(0, layout::EBDA_START), (layout::HIMEM_START, (128 << 20) - layout::HIMEM_START)]);
+        assert_eq!(
+            map,
+            vec![
+                (0, layout::EBDA_START),
+                (layout::HIMEM_START, (128 << 20) - layout::HIMEM_START)
+            ]
+        );
     }
 
     #[test]
@@ -309,7 +325,8 @@ mod tests {
     #[test]
     fn test_load_garbage_kernel_is_unknown_format() {
         let mem = memory(128 << 20);
-        let path = std::env::temp_dir().join(format!("hearth-garbage-kernel-{}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("hearth-garbage-kernel-{}", std::process::id()));
         std::fs::write(&path, vec![0x5a; 8192]).expect("write");
         let source = BootSource {
             kernel: &path,

@@ -121,7 +121,10 @@ mod tests {
 
         normalize_entry(&mut e, 5, 6);
 
-        assert_eq!((e.eax, e.ebx, e.ecx, e.edx), (3, 6, (LEVEL_CORE << 8) | 1, 5));
+        assert_eq!(
+            (e.eax, e.ebx, e.ecx, e.edx),
+            (3, 6, (LEVEL_CORE << 8) | 1, 5)
+        );
     }
 
     #[test]

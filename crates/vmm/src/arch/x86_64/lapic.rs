@@ -37,9 +37,17 @@ fn write_reg(regs: &mut [std::os::raw::c_char], offset: usize, value: u32) {
 pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), LapicError> {
     let mut state = vcpu.get_lapic().map_err(LapicError)?;
     let lvt0 = read_reg(&state.regs, APIC_LVT0);
-    write_reg(&mut state.regs, APIC_LVT0, set_delivery_mode(lvt0, APIC_MODE_EXTINT));
+    write_reg(
+        &mut state.regs,
+        APIC_LVT0,
+        set_delivery_mode(lvt0, APIC_MODE_EXTINT),
+    );
     let lvt1 = read_reg(&state.regs, APIC_LVT1);
-    write_reg(&mut state.regs, APIC_LVT1, set_delivery_mode(lvt1, APIC_MODE_NMI));
+    write_reg(
+        &mut state.regs,
+        APIC_LVT1,
+        set_delivery_mode(lvt1, APIC_MODE_NMI),
+    );
     vcpu.set_lapic(&state).map_err(LapicError)
 }
 

@@ -39,7 +39,10 @@ pub enum MptableError {
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// The MP configuration table (header and entries) for `vcpus`, placed at `table_addr`.
@@ -98,8 +101,11 @@ pub fn setup(mem: &GuestMemoryMmap, vcpus: u8) -> Result<(), MptableError> {
         return Err(MptableError::TooManyVcpus(vcpus));
     }
     let table_addr = layout::EBDA_START + 16;
-    mem.write_slice(&floating_pointer(table_addr as u32), GuestAddress(layout::EBDA_START))
-        .map_err(|e| MptableError::Memory(e.to_string()))?;
+    mem.write_slice(
+        &floating_pointer(table_addr as u32),
+        GuestAddress(layout::EBDA_START),
+    )
+    .map_err(|e| MptableError::Memory(e.to_string()))?;
     mem.write_slice(&config_table(vcpus), GuestAddress(table_addr))
         .map_err(|e| MptableError::Memory(e.to_string()))
 }
@@ -117,7 +123,10 @@ mod tests {
         let table = config_table(4);
 
         assert_eq!(sum(&table), 0);
-        assert_eq!(u16::from_le_bytes([table[4], table[5]]) as usize, table.len());
+        assert_eq!(
+            u16::from_le_bytes([table[4], table[5]]) as usize,
+            table.len()
+        );
     }
 
     #[test]

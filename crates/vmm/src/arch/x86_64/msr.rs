@@ -80,7 +80,10 @@ mod tests {
     fn test_boot_msrs_default_memory_type_is_write_back() {
         let entries = boot_msr_entries();
 
-        let mtrr = entries.iter().find(|e| e.index == MSR_MTRR_DEF_TYPE).map(|e| e.data);
+        let mtrr = entries
+            .iter()
+            .find(|e| e.index == MSR_MTRR_DEF_TYPE)
+            .map(|e| e.data);
 
         assert_eq!(mtrr, Some(MTRR_ENABLE | MTRR_MEM_TYPE_WB));
     }

@@ -59,7 +59,11 @@ fn segment(table_index: u16, entry: u64) -> kvm_segment {
 }
 
 /// Sets up the boot vCPU to enter the kernel at `entry`.
-pub fn setup_boot_vcpu(vcpu: &VcpuFd, mem: &GuestMemoryMmap, entry: &Entry) -> Result<(), RegsError> {
+pub fn setup_boot_vcpu(
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    entry: &Entry,
+) -> Result<(), RegsError> {
     let code = match entry.kind {
         EntryKind::Pvh => gdt_entry(0xc, 0x9b),
         EntryKind::Linux64 => gdt_entry(0xa, 0x9b),
@@ -142,7 +146,18 @@ mod tests {
     fn test_segment_from_64bit_code_entry() {
         let seg = segment(1, gdt_entry(0xa, 0x9b));
 
-        assert_eq!((seg.selector, seg.type_, seg.l, seg.db, seg.present, seg.s, seg.g), (8, 0xb, 1, 0, 1, 1, 1));
+        assert_eq!(
+            (
+                seg.selector,
+                seg.type_,
+                seg.l,
+                seg.db,
+                seg.present,
+                seg.s,
+                seg.g
+            ),
+            (8, 0xb, 1, 0, 1, 1, 1)
+        );
     }
 
     #[test]
@@ -158,7 +173,9 @@ mod tests {
 
         write_identity_page_tables(&mem).expect("tables");
 
-        let last: u64 = mem.read_obj(GuestAddress(layout::PDE_START + 511 * 8)).expect("read");
+        let last: u64 = mem
+            .read_obj(GuestAddress(layout::PDE_START + 511 * 8))
+            .expect("read");
         assert_eq!(last, (511 << 21) | 0x83);
     }
 }

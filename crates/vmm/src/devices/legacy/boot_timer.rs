@@ -41,7 +41,10 @@ impl BootTime {
         if let (Some(start), None) = (t.start, t.userspace) {
             let elapsed = start.elapsed();
             t.userspace = Some(elapsed);
-            log::info!("guest userspace started {} ms after boot", elapsed.as_millis());
+            log::info!(
+                "guest userspace started {} ms after boot",
+                elapsed.as_millis()
+            );
         }
     }
 }
