@@ -3,6 +3,7 @@
 //! `util`. It is a library too so that the KVM suites in `xtask/tests/` reuse the same code.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod demo;
 pub mod deps;
 pub mod kernel;

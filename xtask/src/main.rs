@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use xtask::{demo, deps, kernel, rootfs, test, testbed};
+use xtask::{bench, demo, deps, kernel, rootfs, test, testbed};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask", about = "Hearth developer and CI tasks")]
@@ -16,6 +16,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
+    /// Run a benchmark suite, Hearth beside QEMU, where real KVM is.
+    Bench {
+        #[arg(value_enum)]
+        suite: bench::Suite,
+    },
+    /// The part of the boot benchmark that needs KVM (run in the test bed).
+    #[command(hide = true)]
+    BenchBootInKvm {
+        vmm: PathBuf,
+        kernel: PathBuf,
+        rootfs: PathBuf,
+    },
     /// Demonstrate what exists: real KVM, and the project's kernel booting its root filesystem.
     Demo,
     /// The part of the demo that needs KVM (the demo runs it in the test bed).
@@ -35,6 +47,12 @@ enum Task {
 
 fn main() -> Result<()> {
     match Cli::parse().task {
+        Task::Bench { suite } => bench::run(suite),
+        Task::BenchBootInKvm {
+            vmm,
+            kernel,
+            rootfs,
+        } => bench::boot_in_kvm(&vmm, &kernel, &rootfs),
         Task::Demo => demo::run(),
         Task::DemoInKvm { kernel, rootfs } => demo::run_in_kvm(&kernel, &rootfs),
         Task::Deps => deps::ensure(),

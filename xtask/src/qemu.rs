@@ -66,7 +66,7 @@ impl MicrovmBoot<'_> {
             .arg(self.kernel)
             .arg("-append")
             .arg(format!(
-                "console=ttyS0 reboot=k panic=-1 root=/dev/vda rw {ROOT_DEVICE} -- {}",
+                "console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw {ROOT_DEVICE} -- {}",
                 self.command
             ))
             .arg("-drive")

@@ -321,3 +321,115 @@ fn test_control_socket_configure_start_describe_pause_resume_stop() {
     assert_eq!(stopped["result"]["state"], "exited");
     assert!(status.success());
 }
+
+const VSOCK_GUEST_SCRIPT: &str = r#"
+import socket
+s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+s.connect((2, 7000))
+s.sendall(b"ping-from-guest\n")
+print("guest-to-host:" + s.recv(100).decode().strip(), flush=True)
+s.close()
+l = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+l.bind((socket.VMADDR_CID_ANY, 5000))
+l.listen(1)
+print("guest-listening", flush=True)
+c, _ = l.accept()
+c.sendall(b"guest-echo:" + c.recv(100))
+c.close()
+"#;
+
+#[test]
+#[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
+fn test_vsock_echo_guest_to_host_and_host_to_guest() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let scratch = Scratch::new("vsock");
+    let uds = scratch.path("v.sock");
+    let host_listener =
+        std::os::unix::net::UnixListener::bind(format!("{}_7000", uds.display())).expect("bind");
+    let host_echo = std::thread::spawn(move || {
+        let (stream, _) = host_listener.accept().expect("guest connection");
+        let mut line = String::new();
+        BufReader::new(stream.try_clone().expect("clone"))
+            .read_line(&mut line)
+            .expect("read");
+        (&stream)
+            .write_all(format!("host-echo:{line}").as_bytes())
+            .expect("write");
+    });
+    let script_dir = scratch.path("script");
+    std::fs::create_dir_all(&script_dir).expect("script dir");
+    std::fs::write(script_dir.join("vsock.py"), VSOCK_GUEST_SCRIPT).expect("script");
+    let disk = scratch.path("script.ext4");
+    let mkfs = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&script_dir)
+        .arg(&disk)
+        .arg("8M")
+        .status()
+        .expect("mkfs.ext4");
+    assert!(mkfs.success());
+    let console = scratch.path("console.log");
+    let config = serde_json::json!({
+        "version": 1,
+        "machine": {"vcpus": 1, "memory_mib": 256},
+        "boot": {
+            "kernel": asset("HEARTH_TEST_KERNEL"),
+            "cmdline": "console=ttyS0 reboot=k panic=-1 quiet -- mount -o ro /dev/vdb /mnt && python3 /mnt/vsock.py"
+        },
+        "drives": [
+            {"id": "root", "path": asset("HEARTH_TEST_ROOTFS_DEBIAN"), "read_only": true, "root": true},
+            {"id": "script", "path": disk, "read_only": true}
+        ],
+        "vsock": {"guest_cid": 3, "uds_path": uds},
+        "serial": {"output": "file", "path": console},
+    });
+    let config_path = scratch.path("vm.json");
+    std::fs::write(&config_path, config.to_string()).expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth-vmm"))
+        .arg("--config")
+        .arg(&config_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start hearth-vmm");
+    let console_text = || std::fs::read_to_string(&console).unwrap_or_default();
+
+    wait_for(
+        "the guest's vsock listener",
+        Duration::from_secs(180),
+        || console_text().contains("guest-listening"),
+    );
+    let mut host = std::os::unix::net::UnixStream::connect(&uds).expect("connect vsock socket");
+    host.write_all(b"CONNECT 5000\n").expect("CONNECT");
+    let mut reader = BufReader::new(host.try_clone().expect("clone"));
+    let mut ok = String::new();
+    reader.read_line(&mut ok).expect("OK line");
+    host.write_all(b"ping-from-host\n").expect("send");
+    let mut echoed = String::new();
+    reader.read_to_string(&mut echoed).expect("echo");
+    host_echo.join().expect("host echo thread");
+    let status = run_to_exit(&mut child, Duration::from_secs(60));
+
+    assert!(ok.starts_with("OK "), "{ok:?}");
+    assert_eq!(echoed, "guest-echo:ping-from-host\n");
+    assert!(
+        console_text().contains("guest-to-host:host-echo:ping-from-guest"),
+        "{}",
+        console_text()
+    );
+    assert!(status.success());
+}
+
+fn run_to_exit(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            return child.wait().expect("wait");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

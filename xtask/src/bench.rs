@@ -1,0 +1,256 @@
+//! `cargo xtask bench <suite>`: benchmarks that print Hearth's figures beside QEMU's, both
+//! measured in the same run on the same kernel and root filesystem, where real KVM is (the
+//! test bed otherwise). Each figure is one line:
+//! `<figure> hearth=<value> qemu=<value> ratio=<hearth/qemu> unit=<unit>`.
+//!
+//! `boot`: boot to userspace and the VMM's RSS overhead, `hearth-vmm` against QEMU
+//! `-M microvm` (see `docs/BENCHMARKS.md` for the method).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::qemu::MicrovmBoot;
+use crate::test::TestAssets;
+use crate::{testbed, util};
+
+/// Printed by the guest once its userspace runs.
+const MARKER: &str = "hearth-bench-userspace";
+/// Boots per VMM; the median is reported.
+const RUNS: usize = 5;
+const VCPUS: u32 = 1;
+const MEM_MIB: u32 = 256;
+/// How long after the marker the RSS is sampled (the guest is idle in `sleep` by then).
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// The benchmark suites.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Suite {
+    /// Boot to userspace and VMM memory overhead.
+    Boot,
+}
+
+/// The host side: build the release VMM and the assets, then run the suite where KVM is.
+pub fn run(suite: Suite) -> Result<()> {
+    let Suite::Boot = suite;
+    util::run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["build", "--release", "--quiet", "-p", "hearth-vmm"])
+            .current_dir(util::workspace_root()),
+    )?;
+    let assets = TestAssets::build()?;
+    let vmm = util::workspace_root().join("target/release/hearth-vmm");
+    let exe = std::env::current_exe().context("path of the xtask binary")?;
+    let command = [
+        exe.as_path(),
+        Path::new("bench-boot-in-kvm"),
+        &vmm,
+        &assets.kernel,
+        &assets.busybox,
+    ]
+    .iter()
+    .map(|p| p.to_string_lossy().into_owned())
+    .collect();
+    let code = testbed::run(&testbed::Args::for_command(command)?)?;
+    if code != 0 {
+        bail!("the benchmark failed inside the test bed (exit status {code})");
+    }
+    Ok(())
+}
+
+/// One boot's figures.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    boot_ms: f64,
+    overhead_mib: f64,
+}
+
+/// The part that needs KVM: boot each VMM `RUNS` times, alternating, and print the medians.
+pub fn boot_in_kvm(vmm: &Path, kernel: &Path, rootfs: &Path) -> Result<()> {
+    let command = format!("echo {MARKER}; sleep 2");
+    let scratch = std::env::temp_dir().join(format!("hearth-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let config = scratch.join("vm.json");
+    std::fs::write(&config, hearth_config(kernel, rootfs, &command).to_string())?;
+    let qemu = MicrovmBoot {
+        kernel,
+        rootfs,
+        cpus: VCPUS,
+        mem_mib: MEM_MIB,
+        command: &command,
+    };
+    let mut hearth_samples = Vec::new();
+    let mut qemu_samples = Vec::new();
+    for run in 0..RUNS {
+        let mut cmd = Command::new(vmm);
+        cmd.arg("--config").arg(&config);
+        let h = measure(cmd).with_context(|| format!("hearth-vmm, run {run}"))?;
+        let q = measure(qemu.command()?).with_context(|| format!("qemu, run {run}"))?;
+        eprintln!(
+            "bench: run {run}: hearth {:.0} ms {:.1} MiB, qemu {:.0} ms {:.1} MiB",
+            h.boot_ms, h.overhead_mib, q.boot_ms, q.overhead_mib
+        );
+        hearth_samples.push(h);
+        qemu_samples.push(q);
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    let median = |samples: &[Sample], f: fn(&Sample) -> f64| {
+        let mut v: Vec<f64> = samples.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    print_figure(
+        "boot_to_userspace_ms",
+        median(&hearth_samples, |s| s.boot_ms),
+        median(&qemu_samples, |s| s.boot_ms),
+        "ms",
+    );
+    print_figure(
+        "vmm_rss_overhead_mib",
+        median(&hearth_samples, |s| s.overhead_mib),
+        median(&qemu_samples, |s| s.overhead_mib),
+        "MiB",
+    );
+    Ok(())
+}
+
+fn print_figure(name: &str, hearth: f64, qemu: f64, unit: &str) {
+    println!(
+        "{name} hearth={hearth:.1} qemu={qemu:.1} ratio={:.2} unit={unit}",
+        hearth / qemu
+    );
+}
+
+fn hearth_config(kernel: &Path, rootfs: &Path, command: &str) -> serde_json::Value {
+    serde_json::json!({
+        "version": 1,
+        "machine": {"vcpus": VCPUS, "memory_mib": MEM_MIB},
+        "boot": {
+            "kernel": kernel,
+            "cmdline": format!("console=ttyS0 reboot=k panic=-1 quiet -- {command}"),
+        },
+        "drives": [{"id": "root", "path": rootfs, "read_only": true, "root": true}],
+        "serial": {"output": "stdout"},
+    })
+}
+
+/// Starts `cmd`, times it to the guest's marker on the console, samples its memory while the
+/// guest idles, and waits for it to exit.
+fn measure(mut cmd: Command) -> Result<Sample> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains(MARKER) {
+                let _ = tx.send(start.elapsed());
+            }
+        }
+    });
+    let boot = match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(elapsed) => elapsed,
+        Err(_) => {
+            kill(&mut child);
+            bail!("the guest never reached userspace");
+        }
+    };
+    std::thread::sleep(SETTLE);
+    let overhead = rss_overhead_bytes(child.id(), u64::from(MEM_MIB) << 20);
+    wait_with_timeout(&mut child, Duration::from_secs(60))?;
+    let _ = reader.join();
+    Ok(Sample {
+        boot_ms: boot.as_secs_f64() * 1000.0,
+        overhead_mib: overhead? as f64 / f64::from(1 << 20),
+    })
+}
+
+fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("the VMM exited with {status}");
+            }
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            kill(child);
+            bail!("the VMM did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The process's RSS minus what is resident of its guest RAM mapping: the VMM's own memory.
+fn rss_overhead_bytes(pid: u32, guest_bytes: u64) -> Result<u64> {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let status = std::fs::read_to_string(proc.join("status"))?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .context("no VmRSS")?;
+    let smaps = std::fs::read_to_string(proc.join("smaps"))?;
+    let guest_kib = guest_mapping_rss_kib(&smaps, guest_bytes >> 10)
+        .context("no mapping of the guest's RAM size in smaps")?;
+    Ok(rss_kib.saturating_sub(guest_kib) << 10)
+}
+
+/// The Rss of the mapping holding guest RAM: the one whose size is the guest's memory, or a
+/// little more (QEMU adds a guard page and alignment).
+fn guest_mapping_rss_kib(smaps: &str, guest_kib: u64) -> Option<u64> {
+    let mut size = None;
+    let mut best = None;
+    for line in smaps.lines() {
+        if let Some(v) = line.strip_prefix("Size:") {
+            size = v.split_whitespace().next()?.parse::<u64>().ok();
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            let rss = v.split_whitespace().next()?.parse::<u64>().ok()?;
+            if size.is_some_and(|s| s >= guest_kib && s <= guest_kib + 4096) {
+                best = Some(best.map_or(rss, |b: u64| b.max(rss)));
+            }
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_guest_mapping_rss_picks_guest_sized_mapping() {
+        let smaps = "\
+7f0000000000-7f0010000000 rw-p 00000000 00:00 0
+Size:             262144 kB
+Rss:               20000 kB
+7f0010000000-7f0010100000 rw-p 00000000 00:00 0
+Size:               1024 kB
+Rss:                1024 kB
+";
+
+        assert_eq!(guest_mapping_rss_kib(smaps, 262_144), Some(20_000));
+    }
+
+    #[test]
+    fn test_guest_mapping_rss_none_without_guest_mapping() {
+        let smaps = "a-b rw-p 0 00:00 0\nSize: 1024 kB\nRss: 1024 kB\n";
+
+        assert_eq!(guest_mapping_rss_kib(smaps, 262_144), None);
+    }
+}
