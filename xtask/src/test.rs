@@ -5,7 +5,7 @@
 //! A KVM suite is an integration test target named `kvm_*` in some crate's `tests/`; its tests
 //! are `#[ignore]`d so that a plain `cargo test` anywhere skips them, and run here with
 //! `--ignored`. They find the assets through `HEARTH_TEST_KERNEL`,
-//! `HEARTH_TEST_ROOTFS_BUSYBOX` and `HEARTH_TEST_ROOTFS_DEBIAN`.
+//! `HEARTH_TEST_ROOTFS_BUSYBOX`, `HEARTH_TEST_ROOTFS_DEBIAN` and `HEARTH_TEST_BZIMAGE`.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -60,6 +60,8 @@ pub struct TestAssets {
     pub kernel: PathBuf,
     pub busybox: PathBuf,
     pub debian: PathBuf,
+    /// A bzImage kernel (Debian's cloud kernel).
+    pub bzimage: PathBuf,
 }
 
 impl TestAssets {
@@ -69,6 +71,7 @@ impl TestAssets {
             kernel: kernel::build()?,
             busybox: rootfs::busybox()?,
             debian: rootfs::debian()?,
+            bzimage: testbed::cloud_bzimage()?,
         })
     }
 
@@ -77,6 +80,7 @@ impl TestAssets {
         std::env::set_var("HEARTH_TEST_KERNEL", &self.kernel);
         std::env::set_var("HEARTH_TEST_ROOTFS_BUSYBOX", &self.busybox);
         std::env::set_var("HEARTH_TEST_ROOTFS_DEBIAN", &self.debian);
+        std::env::set_var("HEARTH_TEST_BZIMAGE", &self.bzimage);
     }
 }
 

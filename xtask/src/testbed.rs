@@ -105,6 +105,12 @@ struct L1Assets {
     modprobe: PathBuf,
 }
 
+/// Debian's cloud kernel as a bzImage (L1's kernel): the KVM suites boot it to test the
+/// bzImage path of `hearth-vmm`.
+pub fn cloud_bzimage() -> Result<PathBuf> {
+    Ok(l1_assets()?.kernel)
+}
+
 /// Fetches the cloud kernel with apt and builds L1's initramfs, cached by package version.
 fn l1_assets() -> Result<L1Assets> {
     let image_package = cloud_image_package()?;

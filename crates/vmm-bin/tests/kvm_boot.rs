@@ -433,3 +433,56 @@ fn run_to_exit(child: &mut std::process::Child, timeout: Duration) -> std::proce
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+#[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
+fn test_boot_bzimage_with_initrd() {
+    let scratch = Scratch::new("bzimage");
+    let root = scratch.path("initrd-root");
+    std::fs::create_dir_all(root.join("bin")).expect("initrd dirs");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox (busybox-static)");
+    let init = "#!/bin/busybox sh\n/bin/busybox echo initrd-userspace-$(/bin/busybox nproc)\n/bin/busybox reboot -f\n";
+    std::fs::write(root.join("init"), init).expect("init");
+    let chmod = Command::new("chmod")
+        .arg("755")
+        .arg(root.join("init"))
+        .status()
+        .expect("chmod");
+    assert!(chmod.success());
+    let initrd = scratch.path("initrd.cpio");
+    let cpio = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . | cpio -o -H newc --quiet > {}",
+            root.display(),
+            initrd.display()
+        ))
+        .status()
+        .expect("cpio");
+    assert!(cpio.success());
+    let console = scratch.path("console.log");
+    let config = serde_json::json!({
+        "version": 1,
+        // Debian's cloud kernel has no MP table support, and Hearth has no ACPI: one vCPU.
+        "machine": {"vcpus": 1, "memory_mib": 512},
+        "boot": {
+            "kernel": asset("HEARTH_TEST_BZIMAGE"),
+            "initrd": initrd,
+            "cmdline": "console=ttyS0 reboot=k panic=-1 quiet acpi=off"
+        },
+        "serial": {"output": "file", "path": console},
+    });
+    let config_path = scratch.path("vm.json");
+    std::fs::write(&config_path, config.to_string()).expect("config");
+
+    let output = run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_hearth-vmm"))
+            .arg("--config")
+            .arg(&config_path),
+        Duration::from_secs(180),
+    );
+
+    let console = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(output.status.success(), "{output:?}\n{console}");
+    assert!(console.contains("initrd-userspace-1"), "{console}");
+}
