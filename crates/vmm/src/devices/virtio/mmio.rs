@@ -891,6 +891,17 @@ pub(crate) mod testing {
             head
         }
 
+        /// Hostile-driver round: fills the 16-entry table with [`random_desc`]s near `near`
+        /// and makes zero to three random heads (some past the table) available.
+        pub(crate) fn scramble(&mut self, mem: &GuestMemoryMmap, rng: &mut XorShift, near: u64) {
+            for index in 0..16 {
+                self.set_raw_desc(mem, index, random_desc(rng, near));
+            }
+            for _ in 0..rng.next() % 4 {
+                self.push_avail(mem, (rng.next() % 20) as u16);
+            }
+        }
+
         /// Puts `head` in the available ring and publishes it.
         pub(crate) fn push_avail(&mut self, mem: &GuestMemoryMmap, head: u16) {
             let slot = u64::from(self.avail_idx % self.size);

@@ -10,12 +10,11 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_SIZE_MAX,
 };
-use virtio_queue::Queue;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::{Disk, DiskError};
-use super::event_handler::{BlockWorker, WorkerHandle};
+use super::event_handler::BlockHandler;
 use super::{QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
+use crate::devices::virtio::worker::{QueueWorker, WorkerSlot};
 use crate::devices::virtio::{device_type, features, ActivateContext, ActivateError, VirtioDevice};
 
 /// Length of the configuration space the device exposes: capacity, size_max, seg_max,
@@ -49,7 +48,7 @@ pub struct Block {
     avail_features: u64,
     acked_features: u64,
     config_space: [u8; CONFIG_LEN],
-    worker: Option<WorkerHandle>,
+    worker: WorkerSlot,
 }
 
 impl Block {
@@ -76,7 +75,7 @@ impl Block {
             avail_features,
             acked_features: 0,
             config_space,
-            worker: None,
+            worker: WorkerSlot::default(),
         })
     }
 
@@ -88,17 +87,6 @@ impl Block {
     /// The features the driver accepted.
     pub fn acked_features(&self) -> u64 {
         self.acked_features
-    }
-
-    /// Stops the worker, if any; false if it could not be stopped.
-    fn stop_worker(&mut self) -> bool {
-        if let Some(worker) = &mut self.worker {
-            if !worker.shutdown() {
-                return false;
-            }
-        }
-        self.worker = None;
-        true
     }
 }
 
@@ -134,33 +122,13 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let ActivateContext {
-            mem,
-            queues,
-            queue_evts,
-            irq,
-        } = ctx;
-        let found = queues.len();
-        let (Ok([queue]), Ok([queue_evt])) = (
-            <[Queue; 1]>::try_from(queues),
-            <[EventFd; 1]>::try_from(queue_evts),
-        ) else {
-            return Err(ActivateError::QueueCount { expected: 1, found });
-        };
-        if !self.stop_worker() {
-            return Err(ActivateError::Backend(
-                "the previous worker is still running".into(),
-            ));
-        }
         let write_through = self.acked_features & 1 << VIRTIO_BLK_F_FLUSH == 0;
-        let worker = BlockWorker::new(queue, mem, Arc::clone(&self.disk), irq, queue_evt)
-            .with_write_through(write_through);
-        self.worker = Some(worker.spawn().map_err(ActivateError::Worker)?);
-        Ok(())
+        let handler = BlockHandler::new(Arc::clone(&self.disk)).with_write_through(write_through);
+        self.worker.start(QueueWorker::from_context(ctx, handler)?)
     }
 
     fn reset(&mut self) -> bool {
-        self.stop_worker()
+        self.worker.stop()
     }
 }
 
@@ -168,6 +136,7 @@ impl VirtioDevice for Block {
 mod tests {
     use virtio_bindings::virtio_blk::VIRTIO_BLK_T_IN;
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
 
     use super::super::request::STATUS_OK;
     use super::super::test_utils::TempImage;

@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use log::warn;
@@ -191,8 +191,32 @@ impl FileCursor<'_> {
             .ok_or_else(|| VolatileMemoryError::IOError(io::ErrorKind::InvalidInput.into()))
     }
 
-    fn advance(&mut self, done: usize) {
+    /// Moves `len` bytes with `op(fd, offset, done)`, a `pread` or `pwrite` of the bytes from
+    /// `done` on at file `offset`, called only while `done < len`. Retries short transfers and
+    /// interruptions, stops at the end of the file; returns the bytes moved and advances the
+    /// cursor by them.
+    fn transfer(
+        &mut self,
+        len: usize,
+        mut op: impl FnMut(RawFd, libc::off_t, usize) -> isize,
+    ) -> Result<usize, VolatileMemoryError> {
+        let mut done = 0usize;
+        while done < len {
+            let offset = self.file_offset(done)?;
+            match usize::try_from(op(self.file.as_raw_fd(), offset, done)) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(VolatileMemoryError::IOError(e));
+                }
+            }
+        }
         self.offset = self.offset.saturating_add(done as u64);
+        Ok(done)
     }
 }
 
@@ -202,37 +226,16 @@ impl ReadVolatile for FileCursor<'_> {
         buf: &mut VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
         let guard = buf.ptr_guard_mut();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let offset = self.file_offset(done)?;
+        let len = buf.len();
+        let result = self.transfer(len, |fd, offset, done| {
             // SAFETY: the fd is open for as long as `self.file` is borrowed. `guard` keeps the
-            // slice's memory mapped; `as_ptr() + done` stays inside it since `done < len`, and
-            // pread writes at most `len - done` bytes from there. Guest memory may change under
-            // us, which the kernel copy tolerates.
-            let ret = unsafe {
-                libc::pread(
-                    self.file.as_raw_fd(),
-                    guard.as_ptr().add(done).cast(),
-                    buf.len() - done,
-                    offset,
-                )
-            };
-            match usize::try_from(ret) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(_) => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    buf.bitmap().mark_dirty(0, buf.len());
-                    return Err(VolatileMemoryError::IOError(e));
-                }
-            }
-        }
-        buf.bitmap().mark_dirty(0, done);
-        self.advance(done);
-        Ok(done)
+            // slice's memory mapped; `as_ptr() + done` stays inside it since `transfer` only
+            // calls this while `done < len`, and pread writes at most `len - done` bytes from
+            // there. Guest memory may change under us, which the kernel copy tolerates.
+            unsafe { libc::pread(fd, guard.as_ptr().add(done).cast(), len - done, offset) }
+        });
+        buf.bitmap().mark_dirty(0, *result.as_ref().unwrap_or(&len));
+        result
     }
 }
 
@@ -242,34 +245,14 @@ impl WriteVolatile for FileCursor<'_> {
         buf: &VolatileSlice<B>,
     ) -> Result<usize, VolatileMemoryError> {
         let guard = buf.ptr_guard();
-        let mut done = 0usize;
-        while done < buf.len() {
-            let offset = self.file_offset(done)?;
+        let len = buf.len();
+        self.transfer(len, |fd, offset, done| {
             // SAFETY: the fd is open for as long as `self.file` is borrowed. `guard` keeps the
-            // slice's memory mapped; `as_ptr() + done` stays inside it since `done < len`, and
-            // pwrite reads at most `len - done` bytes from there.
-            let ret = unsafe {
-                libc::pwrite(
-                    self.file.as_raw_fd(),
-                    guard.as_ptr().add(done).cast(),
-                    buf.len() - done,
-                    offset,
-                )
-            };
-            match usize::try_from(ret) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(_) => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(VolatileMemoryError::IOError(e));
-                }
-            }
-        }
-        self.advance(done);
-        Ok(done)
+            // slice's memory mapped; `as_ptr() + done` stays inside it since `transfer` only
+            // calls this while `done < len`, and pwrite reads at most `len - done` bytes from
+            // there.
+            unsafe { libc::pwrite(fd, guard.as_ptr().add(done).cast(), len - done, offset) }
+        })
     }
 }
 

@@ -1,91 +1,33 @@
-//! The virtio-blk worker thread. It waits (epoll) on the request queue's eventfd and on a stop
-//! eventfd; on a notification it serves every available chain, returns each to the used ring
-//! and interrupts the driver when the queue says the driver wants it (EVENT_IDX aware). A
-//! malformed chain costs the guest an IOERR, never the worker. If the driver did not accept
-//! VIRTIO_BLK_F_FLUSH the disk is write-through: every write is made durable before it
-//! completes (virtio 1.2, section 5.2.6.2).
+//! What the virtio-blk worker does with each chain (the thread itself is the shared
+//! [`QueueWorker`](crate::devices::virtio::worker::QueueWorker)): parse it into a request,
+//! execute it against the disk and write its status. A malformed chain costs the guest an
+//! IOERR, never the worker. If the driver did not accept VIRTIO_BLK_F_FLUSH the disk is
+//! write-through: every write is made durable before it completes (virtio 1.2, section
+//! 5.2.6.2).
 
-use std::io;
-use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 
-use log::{error, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::DescriptorChain;
 
 use super::disk::Disk;
 use super::request::{
     complete, Malformed, Request, RequestError, RequestType, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
 };
-use crate::devices::virtio::mmio::{error_chain, LogLimiter, GUEST_LOG_INTERVAL};
-use crate::devices::virtio::{GuestMemoryMmap, IrqKind, IrqTrigger};
+use crate::devices::virtio::worker::{ChainHandler, GuestLog};
+use crate::devices::virtio::GuestMemoryMmap;
 
-const QUEUE_TOKEN: u64 = 0;
-const STOP_TOKEN: u64 = 1;
-/// Chains served before the worker looks at its stop eventfd again.
-const BATCH: usize = 256;
-
-/// A running worker thread.
+/// Serves block requests against one disk.
 #[derive(Debug)]
-pub(super) struct WorkerHandle {
-    stop_evt: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl WorkerHandle {
-    /// Stops the thread and waits for it; false if it could not be told to stop.
-    pub(super) fn shutdown(&mut self) -> bool {
-        let Some(thread) = self.thread.take() else {
-            return true;
-        };
-        if let Err(e) = self.stop_evt.write(1) {
-            error!("virtio-blk: cannot stop the worker: {e}");
-            self.thread = Some(thread);
-            return false;
-        }
-        if thread.join().is_err() {
-            error!("virtio-blk: the worker panicked");
-        }
-        true
-    }
-}
-
-impl Drop for WorkerHandle {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-/// Serves the request queue of one activation.
-#[derive(Debug)]
-pub(super) struct BlockWorker {
-    queue: Queue,
-    mem: GuestMemoryMmap,
+pub(super) struct BlockHandler {
     disk: Arc<Disk>,
-    irq: Arc<IrqTrigger>,
-    queue_evt: EventFd,
     write_through: bool,
-    log: LogLimiter,
 }
 
-impl BlockWorker {
-    pub(super) fn new(
-        queue: Queue,
-        mem: GuestMemoryMmap,
-        disk: Arc<Disk>,
-        irq: Arc<IrqTrigger>,
-        queue_evt: EventFd,
-    ) -> Self {
+impl BlockHandler {
+    pub(super) fn new(disk: Arc<Disk>) -> Self {
         Self {
-            queue,
-            mem,
             disk,
-            irq,
-            queue_evt,
             write_through: false,
-            log: LogLimiter::new(GUEST_LOG_INTERVAL),
         }
     }
 
@@ -94,184 +36,50 @@ impl BlockWorker {
         self.write_through = write_through;
         self
     }
+}
 
-    /// Starts the thread.
-    pub(super) fn spawn(self) -> io::Result<WorkerHandle> {
-        let stop_evt = EventFd::new(libc::EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            self.queue_evt.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, QUEUE_TOKEN),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            stop_evt.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, STOP_TOKEN),
-        )?;
-        let thread = thread::Builder::new()
-            .name("hearth-blk".into())
-            .spawn(move || self.run(&epoll))?;
-        Ok(WorkerHandle {
-            stop_evt,
-            thread: Some(thread),
-        })
+impl BlockHandler {
+    fn execute(&self, request: &Request, mem: &GuestMemoryMmap) -> Result<u32, RequestError> {
+        let written = request.execute(mem, &self.disk)?;
+        if self.write_through && request.request_type() == RequestType::Out {
+            self.disk.flush().map_err(RequestError::Disk)?;
+        }
+        Ok(written)
     }
+}
 
-    fn run(mut self, epoll: &Epoll) {
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            let count = match epoll.wait(-1, &mut events) {
-                Ok(count) => count,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+impl ChainHandler for BlockHandler {
+    const NAME: &'static str = "blk";
+
+    /// Parses and executes one chain and writes its status; returns the used length.
+    fn serve(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        log: &mut GuestLog,
+    ) -> u32 {
+        let (status, code, written) = match Request::parse(mem, chain, self.disk.sectors()) {
+            Ok(request) => match self.execute(&request, mem) {
+                Ok(written) => (request.status_addr(), STATUS_OK, written),
                 Err(e) => {
-                    error!("virtio-blk: the worker cannot wait for events: {e}");
-                    return;
-                }
-            };
-            for event in events.iter().take(count) {
-                match event.data() {
-                    STOP_TOKEN => return,
-                    QUEUE_TOKEN => {
-                        // EAGAIN means another wake-up already consumed the count.
-                        let _ = self.queue_evt.read();
-                        self.handle_queue_event();
+                    if e.status() != STATUS_UNSUPP {
+                        log.report(&e);
                     }
-                    _ => {}
+                    (request.status_addr(), e.status(), 0)
                 }
-            }
-        }
-    }
-
-    /// Serves the available chains and interrupts the driver if it asked for it.
-    pub(super) fn handle_queue_event(&mut self) {
-        if self.process_queue() {
-            self.signal_used();
-        }
-    }
-
-    /// Serves up to [`BATCH`] chains; returns whether any was returned to the used ring.
-    fn process_queue(&mut self) -> bool {
-        let Self {
-            queue,
-            mem,
-            disk,
-            log,
-            queue_evt,
-            write_through,
-            ..
-        } = self;
-        let mut served = 0usize;
-        loop {
-            if let Err(e) = queue.disable_notification(&*mem) {
-                report(log, &e);
-            }
-            loop {
-                if served == BATCH {
-                    // Come back after looking at the stop eventfd.
-                    if let Err(e) = queue_evt.write(1) {
-                        error!("virtio-blk: cannot requeue the queue event: {e}");
-                    }
-                    return true;
-                }
-                let chain = match queue.iter(&*mem) {
-                    Ok(mut available) => available.next(),
-                    Err(e) => {
-                        // A driver that published a bogus index; wait for its next kick.
-                        report(log, &e);
-                        let _ = queue.enable_notification(&*mem);
-                        return served > 0;
-                    }
+            },
+            Err(Malformed { status, error }) => {
+                log.report(&error);
+                let Some(status) = status else {
+                    return 0;
                 };
-                let Some(chain) = chain else {
-                    break;
-                };
-                let head = chain.head_index();
-                let len = serve(mem, disk, *write_through, log, chain);
-                if let Err(e) = queue.add_used(&*mem, head, len) {
-                    report(log, &e);
-                }
-                served += 1;
-            }
-            match queue.enable_notification(&*mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    report(log, &e);
-                    break;
-                }
-            }
-        }
-        served > 0
-    }
-
-    fn signal_used(&mut self) {
-        let notify = match self.queue.needs_notification(&self.mem) {
-            Ok(notify) => notify,
-            Err(e) => {
-                report(&mut self.log, &e);
-                true
+                (status, STATUS_IOERR, 0)
             }
         };
-        if notify {
-            if let Err(e) = self.irq.trigger(IrqKind::Vring) {
-                error!("virtio-blk: cannot interrupt the driver: {e}");
-            }
-        }
-    }
-}
-
-/// Parses and executes one chain and writes its status; returns the used length.
-fn serve(
-    mem: &GuestMemoryMmap,
-    disk: &Disk,
-    write_through: bool,
-    log: &mut LogLimiter,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-) -> u32 {
-    let (status, code, written) = match Request::parse(mem, chain, disk.sectors()) {
-        Ok(request) => match execute(&request, mem, disk, write_through) {
-            Ok(written) => (request.status_addr(), STATUS_OK, written),
-            Err(e) => {
-                if e.status() != STATUS_UNSUPP {
-                    report(log, &e);
-                }
-                (request.status_addr(), e.status(), 0)
-            }
-        },
-        Err(Malformed { status, error }) => {
-            report(log, &error);
-            let Some(status) = status else {
-                return 0;
-            };
-            (status, STATUS_IOERR, 0)
-        }
-    };
-    complete(mem, status, code, written).unwrap_or_else(|e| {
-        report(log, &e);
-        0
-    })
-}
-
-fn execute(
-    request: &Request,
-    mem: &GuestMemoryMmap,
-    disk: &Disk,
-    write_through: bool,
-) -> Result<u32, RequestError> {
-    let written = request.execute(mem, disk)?;
-    if write_through && request.request_type() == RequestType::Out {
-        disk.flush().map_err(RequestError::Disk)?;
-    }
-    Ok(written)
-}
-
-fn report(log: &mut LogLimiter, e: &dyn std::error::Error) {
-    if let Some(dropped) = log.allow() {
-        warn!(
-            "virtio-blk: {} ({dropped} similar messages suppressed)",
-            error_chain(e)
-        );
+        complete(mem, status, code, written).unwrap_or_else(|e| {
+            log.report(&e);
+            0
+        })
     }
 }
 
@@ -285,8 +93,11 @@ mod tests {
     use super::super::test_utils::TempImage;
     use super::*;
     use crate::devices::virtio::mmio::testing::{
-        guest_memory, random_desc, readable, writable, TestQueue, XorShift, DATA_ADDR, MEM_SIZE,
+        guest_memory, readable, writable, TestQueue, XorShift, DATA_ADDR, MEM_SIZE,
     };
+    use crate::devices::virtio::worker::QueueWorker;
+    use crate::devices::virtio::{IrqKind, IrqTrigger};
+    use vmm_sys_util::eventfd::EventFd;
 
     const HEADER: u64 = DATA_ADDR;
     const HEADER2: u64 = DATA_ADDR + 0x100;
@@ -313,15 +124,23 @@ mod tests {
             }
         }
 
-        fn worker(&self, read_only: bool, event_idx: bool) -> BlockWorker {
+        fn handler(&self, read_only: bool) -> BlockHandler {
             let disk = Disk::open(self.image.path(), read_only, None).expect("disk");
-            BlockWorker::new(
+            BlockHandler::new(Arc::new(disk))
+        }
+
+        fn worker_with(&self, handler: BlockHandler, event_idx: bool) -> QueueWorker<BlockHandler> {
+            QueueWorker::new(
                 self.tq.queue(&self.mem, event_idx),
                 self.mem.clone(),
-                Arc::new(disk),
                 Arc::clone(&self.irq),
                 EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+                handler,
             )
+        }
+
+        fn worker(&self, read_only: bool, event_idx: bool) -> QueueWorker<BlockHandler> {
+            self.worker_with(self.handler(read_only), event_idx)
         }
 
         fn header(&self, addr: u64, request_type: u32, sector: u64) {
@@ -440,7 +259,7 @@ mod tests {
                 writable(STATUS, 1),
             ],
         );
-        let mut worker = f.worker(false, false).with_write_through(true);
+        let mut worker = f.worker_with(f.handler(false).with_write_through(true), false);
 
         worker.handle_queue_event();
 
@@ -547,7 +366,7 @@ mod tests {
     fn test_worker_thread_serves_notification_and_stops_on_shutdown() {
         let mut f = Fixture::new(TempImage::with_pattern(8 * 512));
         let worker = f.worker(true, false);
-        let kick = worker.queue_evt.try_clone().expect("clone");
+        let kick = worker.queue_evt().try_clone().expect("clone");
         let mut handle = worker.spawn().expect("spawn");
         f.header(HEADER, VIRTIO_BLK_T_IN, 0);
         f.tq.add_chain(
@@ -586,12 +405,7 @@ mod tests {
         let mut worker = f.worker(false, true);
 
         for _ in 0..500 {
-            for index in 0..16 {
-                f.tq.set_raw_desc(&f.mem, index, random_desc(&mut rng, HEADER));
-            }
-            for _ in 0..rng.next() % 4 {
-                f.tq.push_avail(&f.mem, (rng.next() % 20) as u16);
-            }
+            f.tq.scramble(&f.mem, &mut rng, HEADER);
             worker.handle_queue_event();
         }
 

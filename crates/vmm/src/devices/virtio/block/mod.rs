@@ -5,7 +5,7 @@
 //!   validating every descriptor, and executes it against a [`Disk`].
 //! - `device`: [`Block`], the [`VirtioDevice`](super::VirtioDevice) with its features and
 //!   configuration space, and its [`BlockConfig`].
-//! - `event_handler`: the worker thread that serves the request queue.
+//! - `event_handler`: what the worker thread does with each request chain.
 
 mod device;
 mod disk;

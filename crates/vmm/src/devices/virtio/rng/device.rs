@@ -1,35 +1,22 @@
 //! [`Rng`]: the virtio-rng device as the transport sees it. It has no configuration space and
 //! no device features; all the work happens on the worker thread.
 
-use virtio_queue::Queue;
-use vmm_sys_util::eventfd::EventFd;
-
-use super::event_handler::{RngWorker, WorkerHandle};
+use super::event_handler::RngHandler;
 use super::QUEUE_SIZE;
+use crate::devices::virtio::worker::{QueueWorker, WorkerSlot};
 use crate::devices::virtio::{device_type, features, ActivateContext, ActivateError, VirtioDevice};
 
 /// A virtio-rng device with one request queue.
 #[derive(Debug, Default)]
 pub struct Rng {
     acked_features: u64,
-    worker: Option<WorkerHandle>,
+    worker: WorkerSlot,
 }
 
 impl Rng {
     /// A device not yet activated.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Stops the worker, if any; false if it could not be stopped.
-    fn stop_worker(&mut self) -> bool {
-        if let Some(worker) = &mut self.worker {
-            if !worker.shutdown() {
-                return false;
-            }
-        }
-        self.worker = None;
-        true
     }
 }
 
@@ -57,31 +44,12 @@ impl VirtioDevice for Rng {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let ActivateContext {
-            mem,
-            queues,
-            queue_evts,
-            irq,
-        } = ctx;
-        let found = queues.len();
-        let (Ok([queue]), Ok([queue_evt])) = (
-            <[Queue; 1]>::try_from(queues),
-            <[EventFd; 1]>::try_from(queue_evts),
-        ) else {
-            return Err(ActivateError::QueueCount { expected: 1, found });
-        };
-        if !self.stop_worker() {
-            return Err(ActivateError::Backend(
-                "the previous worker is still running".into(),
-            ));
-        }
-        let worker = RngWorker::new(queue, mem, irq, queue_evt);
-        self.worker = Some(worker.spawn().map_err(ActivateError::Worker)?);
-        Ok(())
+        self.worker
+            .start(QueueWorker::from_context(ctx, RngHandler::new())?)
     }
 
     fn reset(&mut self) -> bool {
-        self.stop_worker()
+        self.worker.stop()
     }
 }
 

@@ -1,27 +1,16 @@
-//! The virtio-rng worker thread. It waits (epoll) on the request queue's eventfd and on a stop
-//! eventfd; on a notification it fills the device-writable buffers of every available chain
-//! with bytes from getrandom(2), at most [`MAX_BYTES_PER_REQUEST`] per chain through a bounce
-//! buffer allocated once, and interrupts the driver when the queue says so.
+//! What the virtio-rng worker does with each chain (the thread itself is the shared
+//! [`QueueWorker`](crate::devices::virtio::worker::QueueWorker)): fill its device-writable
+//! buffers with bytes from getrandom(2), at most [`MAX_BYTES_PER_REQUEST`] per chain through a
+//! bounce buffer allocated once.
 
 use std::io;
-use std::os::unix::io::AsRawFd;
-use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 
-use log::{error, warn};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemoryError};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::MAX_BYTES_PER_REQUEST;
-use crate::devices::virtio::mmio::{error_chain, LogLimiter, GUEST_LOG_INTERVAL};
-use crate::devices::virtio::{GuestMemoryMmap, IrqKind, IrqTrigger};
-
-const QUEUE_TOKEN: u64 = 0;
-const STOP_TOKEN: u64 = 1;
-/// Chains served before the worker looks at its stop eventfd again.
-const BATCH: usize = 256;
+use crate::devices::virtio::worker::{ChainHandler, GuestLog};
+use crate::devices::virtio::GuestMemoryMmap;
 
 /// Why a chain was only partly filled.
 #[derive(Debug, thiserror::Error)]
@@ -40,190 +29,33 @@ pub(super) enum RngError {
     GuestWrite(#[source] GuestMemoryError),
 }
 
-/// A running worker thread.
+/// Fills chains from getrandom(2) through a bounce buffer.
 #[derive(Debug)]
-pub(super) struct WorkerHandle {
-    stop_evt: EventFd,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl WorkerHandle {
-    /// Stops the thread and waits for it; false if it could not be told to stop.
-    pub(super) fn shutdown(&mut self) -> bool {
-        let Some(thread) = self.thread.take() else {
-            return true;
-        };
-        if let Err(e) = self.stop_evt.write(1) {
-            error!("virtio-rng: cannot stop the worker: {e}");
-            self.thread = Some(thread);
-            return false;
-        }
-        if thread.join().is_err() {
-            error!("virtio-rng: the worker panicked");
-        }
-        true
-    }
-}
-
-impl Drop for WorkerHandle {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-/// Serves the request queue of one activation.
-#[derive(Debug)]
-pub(super) struct RngWorker {
-    queue: Queue,
-    mem: GuestMemoryMmap,
-    irq: Arc<IrqTrigger>,
-    queue_evt: EventFd,
+pub(super) struct RngHandler {
     buffer: Vec<u8>,
-    log: LogLimiter,
 }
 
-impl RngWorker {
-    pub(super) fn new(
-        queue: Queue,
-        mem: GuestMemoryMmap,
-        irq: Arc<IrqTrigger>,
-        queue_evt: EventFd,
-    ) -> Self {
+impl RngHandler {
+    pub(super) fn new() -> Self {
         Self {
-            queue,
-            mem,
-            irq,
-            queue_evt,
             buffer: vec![0; MAX_BYTES_PER_REQUEST],
-            log: LogLimiter::new(GUEST_LOG_INTERVAL),
         }
     }
+}
 
-    /// Starts the thread.
-    pub(super) fn spawn(self) -> io::Result<WorkerHandle> {
-        let stop_evt = EventFd::new(libc::EFD_NONBLOCK)?;
-        let epoll = Epoll::new()?;
-        epoll.ctl(
-            ControlOperation::Add,
-            self.queue_evt.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, QUEUE_TOKEN),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
-            stop_evt.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, STOP_TOKEN),
-        )?;
-        let thread = thread::Builder::new()
-            .name("hearth-rng".into())
-            .spawn(move || self.run(&epoll))?;
-        Ok(WorkerHandle {
-            stop_evt,
-            thread: Some(thread),
+impl ChainHandler for RngHandler {
+    const NAME: &'static str = "rng";
+
+    fn serve(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        log: &mut GuestLog,
+    ) -> u32 {
+        fill_chain(mem, &mut self.buffer, chain).unwrap_or_else(|(written, e)| {
+            log.report(&e);
+            written
         })
-    }
-
-    fn run(mut self, epoll: &Epoll) {
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            let count = match epoll.wait(-1, &mut events) {
-                Ok(count) => count,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    error!("virtio-rng: the worker cannot wait for events: {e}");
-                    return;
-                }
-            };
-            for event in events.iter().take(count) {
-                match event.data() {
-                    STOP_TOKEN => return,
-                    QUEUE_TOKEN => {
-                        // EAGAIN means another wake-up already consumed the count.
-                        let _ = self.queue_evt.read();
-                        self.handle_queue_event();
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    /// Fills the available chains and interrupts the driver if it asked for it.
-    pub(super) fn handle_queue_event(&mut self) {
-        if self.process_queue() {
-            self.signal_used();
-        }
-    }
-
-    /// Serves up to [`BATCH`] chains; returns whether any was returned to the used ring.
-    fn process_queue(&mut self) -> bool {
-        let Self {
-            queue,
-            mem,
-            queue_evt,
-            buffer,
-            log,
-            ..
-        } = self;
-        let mut served = 0usize;
-        loop {
-            if let Err(e) = queue.disable_notification(&*mem) {
-                report(log, &e);
-            }
-            loop {
-                if served == BATCH {
-                    // Come back after looking at the stop eventfd.
-                    if let Err(e) = queue_evt.write(1) {
-                        error!("virtio-rng: cannot requeue the queue event: {e}");
-                    }
-                    return true;
-                }
-                let chain = match queue.iter(&*mem) {
-                    Ok(mut available) => available.next(),
-                    Err(e) => {
-                        // A driver that published a bogus index; wait for its next kick.
-                        report(log, &e);
-                        let _ = queue.enable_notification(&*mem);
-                        return served > 0;
-                    }
-                };
-                let Some(chain) = chain else {
-                    break;
-                };
-                let head = chain.head_index();
-                let len = fill_chain(mem, buffer, chain).unwrap_or_else(|(written, e)| {
-                    report(log, &e);
-                    written
-                });
-                if let Err(e) = queue.add_used(&*mem, head, len) {
-                    report(log, &e);
-                }
-                served += 1;
-            }
-            match queue.enable_notification(&*mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    report(log, &e);
-                    break;
-                }
-            }
-        }
-        served > 0
-    }
-
-    fn signal_used(&mut self) {
-        let notify = match self.queue.needs_notification(&self.mem) {
-            Ok(notify) => notify,
-            Err(e) => {
-                report(&mut self.log, &e);
-                true
-            }
-        };
-        if notify {
-            if let Err(e) = self.irq.trigger(IrqKind::Vring) {
-                error!("virtio-rng: cannot interrupt the driver: {e}");
-            }
-        }
     }
 }
 
@@ -276,23 +108,19 @@ fn fill_random(buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn report(log: &mut LogLimiter, e: &dyn std::error::Error) {
-    if let Some(dropped) = log.allow() {
-        warn!(
-            "virtio-rng: {} ({dropped} similar messages suppressed)",
-            error_chain(e)
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
     use crate::devices::virtio::mmio::testing::{
-        guest_memory, random_desc, readable, writable, TestQueue, XorShift, DATA_ADDR, MEM_SIZE,
+        guest_memory, readable, writable, TestQueue, XorShift, DATA_ADDR, MEM_SIZE,
     };
+    use crate::devices::virtio::worker::QueueWorker;
+    use crate::devices::virtio::{IrqKind, IrqTrigger};
 
     const BUF: u64 = DATA_ADDR;
     const BUF2: u64 = DATA_ADDR + 0x4_0000;
@@ -314,12 +142,13 @@ mod tests {
             }
         }
 
-        fn worker(&self) -> RngWorker {
-            RngWorker::new(
+        fn worker(&self) -> QueueWorker<RngHandler> {
+            QueueWorker::new(
                 self.tq.queue(&self.mem, false),
                 self.mem.clone(),
                 Arc::clone(&self.irq),
                 EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+                RngHandler::new(),
             )
         }
 
@@ -412,7 +241,7 @@ mod tests {
     fn test_rng_worker_thread_serves_notification_and_stops() {
         let mut f = Fixture::new();
         let worker = f.worker();
-        let kick = worker.queue_evt.try_clone().expect("clone");
+        let kick = worker.queue_evt().try_clone().expect("clone");
         let mut handle = worker.spawn().expect("spawn");
         f.tq.add_chain(&f.mem, &[writable(BUF, 16)]);
 
@@ -440,12 +269,7 @@ mod tests {
         let mut worker = f.worker();
 
         for _ in 0..500 {
-            for index in 0..16 {
-                f.tq.set_raw_desc(&f.mem, index, random_desc(&mut rng, BUF));
-            }
-            for _ in 0..rng.next() % 4 {
-                f.tq.push_avail(&f.mem, (rng.next() % 20) as u16);
-            }
+            f.tq.scramble(&f.mem, &mut rng, BUF);
             worker.handle_queue_event();
         }
 

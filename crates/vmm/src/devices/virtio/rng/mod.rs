@@ -1,7 +1,7 @@
 //! virtio-rng (virtio 1.2, section 5.4): an entropy source backed by the host's getrandom(2).
 //!
 //! - `device`: [`Rng`], the [`VirtioDevice`](super::VirtioDevice) and its worker lifecycle.
-//! - `event_handler`: the worker thread that fills the guest's buffers.
+//! - `event_handler`: what the worker thread does with each chain: fill the guest's buffers.
 
 mod device;
 mod event_handler;
