@@ -119,7 +119,7 @@ fn run_in_testbed(suites: &[PathBuf]) -> Result<()> {
     let mut script = String::from("set -e\n");
     for suite in suites {
         script.push_str(&format!(
-            "echo \"== {0}\"\n'{0}' --ignored --test-threads=1\n",
+            "echo \"== {0}\"\n'{0}' --ignored --test-threads=1 --nocapture\n",
             suite.display()
         ));
     }
