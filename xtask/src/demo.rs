@@ -1,34 +1,44 @@
-//! `cargo xtask demo`: the README's main job until the engine exists. It builds the guest
-//! kernel and the test root filesystems, then, where real KVM is (the test bed otherwise),
-//! boots the project's kernel on the busybox root filesystem under QEMU `-M microvm` and runs
-//! a command in it, printing each step's time.
+//! `cargo xtask demo`: the README's main job until the snapshot demo exists. It builds the
+//! guest kernel, the test root filesystems and `hearth-vmm`, then, where real KVM is (the test
+//! bed otherwise), boots the project's kernel on the busybox root filesystem with `hearth-vmm`,
+//! runs a command in the guest, and prints each step's time.
 
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use crate::qemu::MicrovmBoot;
 use crate::test::TestAssets;
-use crate::testbed;
+use crate::{testbed, util};
 
-/// The host side: build the assets, then run [`run_in_kvm`] where real KVM is.
+/// The host side: build what the demo boots, then run [`run_in_kvm`] where real KVM is.
 pub fn run() -> Result<()> {
     let start = Instant::now();
+    util::run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["build", "--release", "--quiet", "-p", "hearth-vmm"])
+            .current_dir(util::workspace_root()),
+    )?;
     let assets = TestAssets::build()?;
     println!(
-        "demo: guest kernel and root filesystems ready in {:.1} s",
+        "demo: hearth-vmm, guest kernel and root filesystems ready in {:.1} s",
         start.elapsed().as_secs_f64()
     );
     println!("demo:   kernel  {}", assets.kernel.display());
     println!("demo:   rootfs  {}", assets.busybox.display());
-    println!("demo:   rootfs  {}", assets.debian.display());
+    let vmm = util::workspace_root().join("target/release/hearth-vmm");
     let exe = std::env::current_exe().context("path of the xtask binary")?;
-    let command = vec![
-        exe.to_string_lossy().into_owned(),
-        "demo-in-kvm".to_owned(),
-        assets.kernel.to_string_lossy().into_owned(),
-        assets.busybox.to_string_lossy().into_owned(),
-    ];
+    let command = [
+        exe.as_path(),
+        Path::new("demo-in-kvm"),
+        &vmm,
+        &assets.kernel,
+        &assets.busybox,
+    ]
+    .iter()
+    .map(|p| p.to_string_lossy().into_owned())
+    .collect();
     let code = testbed::run(&testbed::Args::for_command(command)?)?;
     if code != 0 {
         bail!("the demo failed inside the test bed (exit status {code})");
@@ -36,28 +46,55 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-/// The part that needs KVM: boot the guest kernel and show what the guest sees.
-pub fn run_in_kvm(kernel: &std::path::Path, rootfs: &std::path::Path) -> Result<()> {
+/// The part that needs KVM: boot the guest with `hearth-vmm` and show what the guest sees.
+pub fn run_in_kvm(vmm: &Path, kernel: &Path, rootfs: &Path) -> Result<()> {
     let kind = vmm::kvm_host::KvmKind::detect();
     println!("demo: KVM here is {kind:?}");
-    let boot = MicrovmBoot {
-        kernel,
-        rootfs,
-        cpus: 2,
-        mem_mib: 256,
-        command: "echo guest: kernel $(uname -r), $(nproc) vCPUs, \
-                  $(grep MemTotal /proc/meminfo | tr -s ' '), up $(cut -d' ' -f1 /proc/uptime) s",
-    };
-    let out = boot.run(Duration::from_secs(120))?;
-    for line in out.console.lines().filter(|l| l.starts_with("guest:")) {
+    let config = serde_json::json!({
+        "version": 1,
+        "machine": {"vcpus": 2, "memory_mib": 256},
+        "boot": {
+            "kernel": kernel,
+            "cmdline": "console=ttyS0 reboot=k panic=-1 quiet -- devmem 0xd0000000 8 123; \
+                        echo guest: kernel $(uname -r), $(nproc) vCPUs, \
+                        $(grep MemTotal /proc/meminfo | tr -s ' '), root disk vda of $(($(cat /sys/block/vda/size) / 2048)) MiB",
+        },
+        "drives": [{"id": "root", "path": rootfs, "read_only": true, "root": true}],
+        "rng": true,
+        "serial": {"output": "stdout"},
+    });
+    let path = std::env::temp_dir().join(format!("hearth-demo-{}.json", std::process::id()));
+    std::fs::write(&path, config.to_string())?;
+    let start = Instant::now();
+    let out = Command::new(vmm)
+        .arg("--config")
+        .arg(&path)
+        .args(["--log-level", "info"])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot start {}", vmm.display()))?;
+    let wall = start.elapsed();
+    let _ = std::fs::remove_file(&path);
+    let console = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    for line in console.lines().filter(|l| l.starts_with("guest:")) {
         println!("demo: {line}");
     }
-    if out.exit_status() != Some(0) {
-        bail!("the guest did not run its command:\n{}", out.console);
+    if !out.status.success() || !console.contains("hearth-init: exit status 0") {
+        bail!(
+            "the guest did not run its command ({}):\n{console}\n{log}",
+            out.status
+        );
+    }
+    if let Some(line) = log.lines().find(|l| l.contains("userspace started")) {
+        println!(
+            "demo: boot timer: {}",
+            line.rsplit(": ").next().unwrap_or(line)
+        );
     }
     println!(
-        "demo: QEMU -M microvm booted the project kernel, ran the command and exited in {:.2} s",
-        out.wall.as_secs_f64()
+        "demo: hearth-vmm booted the guest, ran the command and exited 0 on its power-off in {:.2} s",
+        wall.as_secs_f64()
     );
     Ok(())
 }

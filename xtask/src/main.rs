@@ -32,7 +32,11 @@ enum Task {
     Demo,
     /// The part of the demo that needs KVM (the demo runs it in the test bed).
     #[command(hide = true)]
-    DemoInKvm { kernel: PathBuf, rootfs: PathBuf },
+    DemoInKvm {
+        vmm: PathBuf,
+        kernel: PathBuf,
+        rootfs: PathBuf,
+    },
     /// Install the Debian packages the tasks need (as root), or say which are missing.
     Deps,
     /// Build the guest kernel (cached by content hash); prints its path last.
@@ -54,7 +58,11 @@ fn main() -> Result<()> {
             rootfs,
         } => bench::boot_in_kvm(&vmm, &kernel, &rootfs),
         Task::Demo => demo::run(),
-        Task::DemoInKvm { kernel, rootfs } => demo::run_in_kvm(&kernel, &rootfs),
+        Task::DemoInKvm {
+            vmm,
+            kernel,
+            rootfs,
+        } => demo::run_in_kvm(&vmm, &kernel, &rootfs),
         Task::Deps => deps::ensure(),
         Task::GuestKernel => {
             let path = kernel::build()?;

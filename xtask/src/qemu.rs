@@ -1,14 +1,10 @@
-//! QEMU `-M microvm` under KVM, booting the project's guest kernel on a test root filesystem.
-//! It is the reference that benchmarks compare `hearth-vmm` with, and, until the engine
-//! exists, the way the demo and the guest-kernel suite boot the kernel. Needs real KVM (the
-//! test bed).
+//! QEMU `-M microvm` under KVM, booting the project's guest kernel on a test root filesystem:
+//! the reference the benchmarks compare `hearth-vmm` with. Needs real KVM (the test bed).
 
-use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 /// The machine: no ACPI (the kernel has none) and no automatic command line, since QEMU would
 /// append its devices after our `--`, where the kernel hands them to init instead.
@@ -28,23 +24,6 @@ pub struct MicrovmBoot<'a> {
     /// A shell command for the guest's init. The kernel splits it into init's arguments and
     /// init joins them with spaces again, so it must not contain double quotes.
     pub command: &'a str,
-}
-
-/// What a finished boot printed, and how long it took.
-#[derive(Debug)]
-pub struct BootOutput {
-    pub console: String,
-    pub wall: Duration,
-}
-
-impl BootOutput {
-    /// The exit status the guest's init reported, if it got that far.
-    pub fn exit_status(&self) -> Option<i32> {
-        self.console
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("hearth-init: exit status "))
-            .and_then(|s| s.trim().parse().ok())
-    }
 }
 
 impl MicrovmBoot<'_> {
@@ -80,59 +59,11 @@ impl MicrovmBoot<'_> {
             .stderr(Stdio::piped());
         Ok(cmd)
     }
-
-    /// Boots, waits for the guest to reset the machine (at most `timeout`), and returns the
-    /// console output.
-    pub fn run(&self, timeout: Duration) -> Result<BootOutput> {
-        let start = Instant::now();
-        let mut child = self
-            .command()?
-            .spawn()
-            .context("cannot start qemu-system-x86_64 (package qemu-system-x86)")?;
-        let mut stdout = child.stdout.take().context("qemu stdout")?;
-        let reader = std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = stdout.read_to_end(&mut buf);
-            buf
-        });
-        let status = loop {
-            if let Some(status) = child.try_wait()? {
-                break status;
-            }
-            if start.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("the guest did not finish within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let wall = start.elapsed();
-        let console =
-            String::from_utf8_lossy(&reader.join().unwrap_or_default()).replace("\r\n", "\n");
-        if !status.success() {
-            let mut stderr = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut stderr);
-            }
-            bail!("qemu failed: {status}: {stderr}\n{console}");
-        }
-        Ok(BootOutput { console, wall })
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn test_exit_status_parses_init_report() {
-        let out = BootOutput {
-            console: "boot\nhearth-init: exit status 3\n".to_owned(),
-            wall: Duration::ZERO,
-        };
-
-        assert_eq!(out.exit_status(), Some(3));
-    }
 
     #[test]
     fn test_command_rejects_double_quotes() {

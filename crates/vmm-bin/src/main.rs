@@ -61,10 +61,30 @@ fn main() {
     }
 }
 
+/// Raises the open-file limit to its hard maximum: every vsock connection holds a host socket.
+fn raise_nofile_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the `rlimit` we pass, which lives on
+    // this stack frame for the duration of both calls.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                log::warn!("cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
 fn run(args: &Args) -> Result<GuestExit, String> {
     if args.config.is_none() && args.api_sock.is_none() {
         return Err("give --config, --api-sock, or both".to_owned());
     }
+    raise_nofile_limit();
     let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
     let shared = Arc::new(Shared {
         controller: Mutex::new(Controller::new()),
