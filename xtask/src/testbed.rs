@@ -24,9 +24,12 @@ use vmm::kvm_host::KvmKind;
 use crate::util;
 
 /// Bump when the L1 recipe (initramfs, module list, init) changes.
-const RECIPE_VERSION: &str = "2";
+const RECIPE_VERSION: &str = "3";
 /// The Debian package that provides L1's kernel.
 const CLOUD_KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
+/// L1's own scratch space (on its `/run` tmpfs), given to the command as `TMPDIR`. `/tmp`
+/// stays the host's, so a workspace or cache under it resolves the same inside L1.
+const L1_TMPDIR: &str = "/run/tmp";
 /// The virtiofs tag of the shared host root.
 const ROOT_TAG: &str = "hostroot";
 /// Printed by L1 once it is ready to run the command; the host times L1's boot to it.
@@ -320,7 +323,8 @@ $bb mount -t sysfs sysfs $n/sys
 $bb mount -t cgroup2 cgroup2 $n/sys/fs/cgroup
 $bb mkdir -p $n/dev/pts $n/dev/shm $n/dev/net
 $bb mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts $n/dev/pts
-for d in /dev/shm /run /tmp; do $bb mount -t tmpfs tmpfs $n$d; done
+for d in /dev/shm /run; do $bb mount -t tmpfs tmpfs $n$d; done
+$bb mkdir -p $n{L1_TMPDIR}
 [ -c $n/dev/net/tun ] || $bb mknod $n/dev/net/tun c 10 200
 echo "$modprobe" > $n/proc/sys/kernel/modprobe
 $bb hostname hearth-testbed
@@ -400,7 +404,7 @@ fn stage2_script(command: &[String], status: &Path) -> Result<String> {
     let cwd = shell_quote(&cwd.to_string_lossy());
     Ok(format!(
         r#"set -u
-{env}export HEARTH_TESTBED=1
+{env}export HEARTH_TESTBED=1 TMPDIR={L1_TMPDIR}
 echo "{UP_MARKER}"
 cd {cwd} && {command}
 echo $? > {status}
