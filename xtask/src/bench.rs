@@ -37,29 +37,12 @@ pub enum Suite {
 /// The host side: build the release VMM and the assets, then run the suite where KVM is.
 pub fn run(suite: Suite) -> Result<()> {
     let Suite::Boot = suite;
-    util::run(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args(["build", "--release", "--quiet", "-p", "hearth-vmm"])
-            .current_dir(util::workspace_root()),
-    )?;
+    let vmm = util::build_release_vmm()?;
     let assets = TestAssets::build()?;
-    let vmm = util::workspace_root().join("target/release/hearth-vmm");
-    let exe = std::env::current_exe().context("path of the xtask binary")?;
-    let command = [
-        exe.as_path(),
-        Path::new("bench-boot-in-kvm"),
-        &vmm,
-        &assets.kernel,
-        &assets.busybox,
-    ]
-    .iter()
-    .map(|p| p.to_string_lossy().into_owned())
-    .collect();
-    let code = testbed::run(&testbed::Args::for_command(command)?)?;
-    if code != 0 {
-        bail!("the benchmark failed inside the test bed (exit status {code})");
-    }
-    Ok(())
+    testbed::run_xtask(
+        "bench-boot-in-kvm",
+        &[&vmm, &assets.kernel, &assets.busybox],
+    )
 }
 
 /// One boot's figures.

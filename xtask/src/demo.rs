@@ -15,11 +15,7 @@ use crate::{testbed, util};
 /// The host side: build what the demo boots, then run [`run_in_kvm`] where real KVM is.
 pub fn run() -> Result<()> {
     let start = Instant::now();
-    util::run(
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args(["build", "--release", "--quiet", "-p", "hearth-vmm"])
-            .current_dir(util::workspace_root()),
-    )?;
+    let vmm = util::build_release_vmm()?;
     let assets = TestAssets::build()?;
     println!(
         "demo: hearth-vmm, guest kernel and root filesystems ready in {:.1} s",
@@ -27,23 +23,7 @@ pub fn run() -> Result<()> {
     );
     println!("demo:   kernel  {}", assets.kernel.display());
     println!("demo:   rootfs  {}", assets.busybox.display());
-    let vmm = util::workspace_root().join("target/release/hearth-vmm");
-    let exe = std::env::current_exe().context("path of the xtask binary")?;
-    let command = [
-        exe.as_path(),
-        Path::new("demo-in-kvm"),
-        &vmm,
-        &assets.kernel,
-        &assets.busybox,
-    ]
-    .iter()
-    .map(|p| p.to_string_lossy().into_owned())
-    .collect();
-    let code = testbed::run(&testbed::Args::for_command(command)?)?;
-    if code != 0 {
-        bail!("the demo failed inside the test bed (exit status {code})");
-    }
-    Ok(())
+    testbed::run_xtask("demo-in-kvm", &[&vmm, &assets.kernel, &assets.busybox])
 }
 
 /// The part that needs KVM: boot the guest with `hearth-vmm` and show what the guest sees.

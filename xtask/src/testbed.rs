@@ -72,6 +72,19 @@ impl Args {
     }
 }
 
+/// Runs this xtask binary's hidden `subcommand` with `paths` where real KVM exists; fails
+/// unless it exits 0. The KVM halves of the demo and the benchmarks go through here.
+pub fn run_xtask(subcommand: &str, paths: &[&Path]) -> Result<()> {
+    let exe = std::env::current_exe().context("path of the xtask binary")?;
+    let mut command = vec![exe.to_string_lossy().into_owned(), subcommand.to_owned()];
+    command.extend(paths.iter().map(|p| p.to_string_lossy().into_owned()));
+    let code = run(&Args::for_command(command)?)?;
+    if code != 0 {
+        bail!("`xtask {subcommand}` failed inside the test bed (exit status {code})");
+    }
+    Ok(())
+}
+
 /// Runs the command where real KVM exists and returns its exit code.
 pub fn run(args: &Args) -> Result<i32> {
     let kind = KvmKind::detect();

@@ -46,6 +46,16 @@ pub fn content_hash(parts: &[(&str, &[u8])]) -> String {
         .collect()
 }
 
+/// Builds `hearth-vmm` in release mode and returns its path.
+pub fn build_release_vmm() -> Result<PathBuf> {
+    run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["build", "--release", "--quiet", "-p", "hearth-vmm"])
+            .current_dir(workspace_root()),
+    )?;
+    Ok(workspace_root().join("target/release/hearth-vmm"))
+}
+
 /// Runs `cmd` with inherited stdio and fails unless it exits 0.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd
