@@ -296,7 +296,7 @@ fn test_control_socket_configure_start_describe_pause_resume_stop() {
     let described_paused = request(&sock, r#"{"version":1,"action":"describe"}"#);
     let resumed = request(&sock, r#"{"version":1,"action":"resume"}"#);
     let stopped = request(&sock, r#"{"version":1,"action":"stop"}"#);
-    let status = child.wait().expect("wait");
+    let status = run_to_exit(&mut child, Duration::from_secs(60));
 
     assert_eq!(bad["error"]["field"], "machine.memory_mib");
     assert_eq!(configured["result"]["state"], "configured");
