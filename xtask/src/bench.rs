@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::qemu::MicrovmBoot;
 use crate::test::TestAssets;
-use crate::{testbed, util};
+use crate::{deps, testbed, util};
 
 /// Printed by the guest once its userspace runs.
 const MARKER: &str = "hearth-bench-userspace";
@@ -37,6 +37,7 @@ pub enum Suite {
 /// The host side: build the release VMM and the assets, then run the suite where KVM is.
 pub fn run(suite: Suite) -> Result<()> {
     let Suite::Boot = suite;
+    deps::ensure()?;
     let vmm = util::build_release_vmm()?;
     let assets = TestAssets::build()?;
     testbed::run_xtask(

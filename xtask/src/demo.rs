@@ -10,10 +10,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::test::TestAssets;
-use crate::{testbed, util};
+use crate::{deps, testbed, util};
 
 /// The host side: build what the demo boots, then run [`run_in_kvm`] where real KVM is.
 pub fn run() -> Result<()> {
+    deps::ensure()?;
     let start = Instant::now();
     let vmm = util::build_release_vmm()?;
     let assets = TestAssets::build()?;
