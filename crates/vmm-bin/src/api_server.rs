@@ -48,7 +48,9 @@ fn serve(stream: UnixStream, shared: &Shared) {
             Ok(_) => {}
         }
         let (response, wake) = if line.len() > rpc::MAX_REQUEST_BYTES {
-            let _ = skip_line(&mut reader);
+            if !line.ends_with(b"\n") && skip_line(&mut reader).is_err() {
+                return;
+            }
             (error_line("request over the size limit"), false)
         } else {
             match std::str::from_utf8(&line) {
@@ -67,10 +69,12 @@ fn serve(stream: UnixStream, shared: &Shared) {
     }
 }
 
-fn skip_line(reader: &mut impl BufRead) -> std::io::Result<()> {
+/// Discards the rest of an oversized line, a bounded chunk at a time.
+fn skip_line<R: BufRead>(reader: &mut std::io::Take<R>) -> std::io::Result<()> {
     let mut sink = Vec::new();
     loop {
         sink.clear();
+        reader.set_limit(64 << 10);
         let n = reader.read_until(b'\n', &mut sink)?;
         if n == 0 || sink.ends_with(b"\n") {
             return Ok(());
@@ -95,4 +99,44 @@ fn handle(shared: &Shared, line: &str) -> (String, bool) {
     let after = controller.state();
     let wake = before != after && matches!(after, VmState::Running | VmState::Exited);
     (response, wake)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use vmm::rpc::Controller;
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn shared() -> Shared {
+        Shared {
+            controller: Mutex::new(Controller::new()),
+            wake: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        }
+    }
+
+    #[test]
+    fn test_serve_oversized_line_gets_one_error_then_next_request_works() {
+        let (client, server) = UnixStream::pair().expect("socket pair");
+        let shared = shared();
+        let mut request = vec![b'x'; rpc::MAX_REQUEST_BYTES + 10];
+        request.extend_from_slice(b"\n{\"version\":1,\"action\":\"describe\"}\n");
+        let writer = std::thread::spawn({
+            let mut client = client.try_clone().expect("clone");
+            move || client.write_all(&request).expect("send")
+        });
+        let reader = std::thread::spawn(move || {
+            let mut lines = BufReader::new(client).lines();
+            let first = lines.next().expect("first").expect("read");
+            let second = lines.next().expect("second").expect("read");
+            (first, second)
+        });
+
+        serve(server, &shared);
+        writer.join().expect("writer");
+        let (first, second) = reader.join().expect("reader");
+
+        assert!(first.contains("over the size limit"), "{first}");
+        assert!(second.contains("\"ok\":true"), "{second}");
+    }
 }

@@ -24,7 +24,7 @@ use crate::vstate::memory::{MAX_MEM_MIB, MIN_MEM_MIB};
 pub const CONFIG_VERSION: u32 = 1;
 /// The most vCPUs a microVM may have.
 pub const MAX_VCPUS: u8 = 16;
-/// The most drives a microVM may have (IRQs are shared with the other virtio devices).
+/// The most drives a microVM may have (each virtio device takes one of IRQs 5-23).
 pub const MAX_DRIVES: usize = 8;
 
 /// A configuration error, naming the field.

@@ -276,7 +276,7 @@ fn parse_request(line: &str) -> Result<Action, RpcError> {
         )));
     }
     let envelope: Envelope = serde_json::from_str(line).map_err(|e| RpcError {
-        field: Some("version".to_owned()).filter(|_| e.to_string().contains("version")),
+        field: None,
         message: format!("malformed request: {e}"),
     })?;
     if envelope.version != PROTOCOL_VERSION {

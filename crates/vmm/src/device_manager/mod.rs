@@ -6,12 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use crate::arch::x86_64::layout;
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::virtio::mmio::{MmioError, MmioTransport};
+use crate::devices::virtio::mmio::{self, MmioError, MmioTransport};
 use crate::devices::virtio::{GuestMemoryMmap, VirtioDevice};
 use crate::vstate::vm::{Vm, VmError};
-
-/// The offset of QueueNotify in the MMIO register window.
-const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
 
 /// Why a device could not be attached.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +66,7 @@ impl MmioDeviceManager {
         vm.register_irqfd(transport.irq().eventfd(), irq)
             .map_err(DeviceManagerError::Kvm)?;
         for (index, evt) in transport.queue_evts().iter().enumerate() {
-            vm.register_mmio_ioevent(evt, base + QUEUE_NOTIFY_OFFSET, index as u32)
+            vm.register_mmio_ioevent(evt, base + mmio::NOTIFY_OFFSET, index as u32)
                 .map_err(DeviceManagerError::Kvm)?;
         }
         let transport = Arc::new(Mutex::new(transport));
