@@ -10,13 +10,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::test::TestAssets;
-use crate::{deps, testbed, util};
+use crate::{deps, testbed};
 
 /// The host side: build what the demo boots, then run [`run_in_kvm`] where real KVM is.
 pub fn run() -> Result<()> {
     deps::ensure()?;
     let start = Instant::now();
-    let vmm = util::build_release_vmm()?;
     let assets = TestAssets::build()?;
     println!(
         "demo: hearth-vmm, guest kernel and root filesystems ready in {:.1} s",
@@ -24,7 +23,10 @@ pub fn run() -> Result<()> {
     );
     println!("demo:   kernel  {}", assets.kernel.display());
     println!("demo:   rootfs  {}", assets.busybox.display());
-    testbed::run_xtask("demo-in-kvm", &[&vmm, &assets.kernel, &assets.busybox])
+    testbed::run_xtask(
+        "demo-in-kvm",
+        &[&assets.vmm, &assets.kernel, &assets.busybox],
+    )
 }
 
 /// The part that needs KVM: boot the guest with `hearth-vmm` and show what the guest sees.

@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod demo;
 pub mod deps;
+pub mod initramfs;
 pub mod kernel;
 pub mod qemu;
 pub mod rootfs;

@@ -28,6 +28,14 @@ enum Task {
         kernel: PathBuf,
         rootfs: PathBuf,
     },
+    /// The part of the agent benchmark that needs KVM (run in the test bed).
+    #[command(hide = true)]
+    BenchAgentInKvm {
+        vmm: PathBuf,
+        kernel: PathBuf,
+        initrd: PathBuf,
+        rootfs: PathBuf,
+    },
     /// Demonstrate what exists: real KVM, and the project's kernel booting its root filesystem.
     Demo,
     /// The part of the demo that needs KVM (the demo runs it in the test bed).
@@ -57,6 +65,12 @@ fn main() -> Result<()> {
             kernel,
             rootfs,
         } => bench::boot_in_kvm(&vmm, &kernel, &rootfs),
+        Task::BenchAgentInKvm {
+            vmm,
+            kernel,
+            initrd,
+            rootfs,
+        } => bench::agent_in_kvm(&vmm, &kernel, &initrd, &rootfs),
         Task::Demo => demo::run(),
         Task::DemoInKvm {
             vmm,

@@ -24,6 +24,8 @@ pub struct MicrovmBoot<'a> {
     /// A shell command for the guest's init. The kernel splits it into init's arguments and
     /// init joins them with spaces again, so it must not contain double quotes.
     pub command: &'a str,
+    /// Passed as `hearth_boot_marker=`: init prints it the moment it starts.
+    pub marker: Option<&'a str>,
 }
 
 impl MicrovmBoot<'_> {
@@ -45,7 +47,10 @@ impl MicrovmBoot<'_> {
             .arg(self.kernel)
             .arg("-append")
             .arg(format!(
-                "console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw {ROOT_DEVICE} -- {}",
+                "console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw {ROOT_DEVICE}{} -- {}",
+                self.marker
+                    .map(|m| format!(" hearth_boot_marker={m}"))
+                    .unwrap_or_default(),
                 self.command
             ))
             .arg("-drive")
@@ -73,6 +78,7 @@ mod tests {
             cpus: 1,
             mem_mib: 128,
             command: "echo \"x\"",
+            marker: None,
         };
 
         assert!(boot.command().is_err());

@@ -5,14 +5,15 @@
 //! A KVM suite is an integration test target named `kvm_*` in some crate's `tests/`; its tests
 //! are `#[ignore]`d so that a plain `cargo test` anywhere skips them, and run here with
 //! `--ignored`. They find the assets through `HEARTH_TEST_KERNEL`,
-//! `HEARTH_TEST_ROOTFS_BUSYBOX`, `HEARTH_TEST_ROOTFS_DEBIAN` and `HEARTH_TEST_BZIMAGE`.
+//! `HEARTH_TEST_ROOTFS_BUSYBOX`, `HEARTH_TEST_ROOTFS_DEBIAN`, `HEARTH_TEST_BZIMAGE`,
+//! `HEARTH_TEST_VMM` (the release, static `hearth-vmm`) and `HEARTH_TEST_AGENT_INITRD`.
 
 use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{deps, kernel, rootfs, testbed, util};
+use crate::{deps, initramfs, kernel, rootfs, testbed, util};
 
 /// Runs every check and test; fails on the first that fails.
 pub fn run() -> Result<()> {
@@ -62,16 +63,23 @@ pub struct TestAssets {
     pub debian: PathBuf,
     /// A bzImage kernel (Debian's cloud kernel).
     pub bzimage: PathBuf,
+    /// `hearth-vmm`, release and static.
+    pub vmm: PathBuf,
+    /// The initramfs with `hearth-agent` as `/init`.
+    pub agent_initrd: PathBuf,
 }
 
 impl TestAssets {
-    /// Builds (or finds in the cache) the guest kernel and the test root filesystems.
+    /// Builds (or finds in the cache) the guest kernel, the test root filesystems, the release
+    /// VMM and the agent's initramfs.
     pub fn build() -> Result<Self> {
         Ok(Self {
             kernel: kernel::build()?,
             busybox: rootfs::busybox()?,
             debian: rootfs::debian()?,
             bzimage: testbed::cloud_bzimage()?,
+            vmm: util::build_release_vmm()?,
+            agent_initrd: initramfs::build()?,
         })
     }
 
@@ -81,6 +89,8 @@ impl TestAssets {
         std::env::set_var("HEARTH_TEST_ROOTFS_BUSYBOX", &self.busybox);
         std::env::set_var("HEARTH_TEST_ROOTFS_DEBIAN", &self.debian);
         std::env::set_var("HEARTH_TEST_BZIMAGE", &self.bzimage);
+        std::env::set_var("HEARTH_TEST_VMM", &self.vmm);
+        std::env::set_var("HEARTH_TEST_AGENT_INITRD", &self.agent_initrd);
     }
 }
 

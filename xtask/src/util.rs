@@ -46,14 +46,34 @@ pub fn content_hash(parts: &[(&str, &[u8])]) -> String {
         .collect()
 }
 
-/// Builds `hearth-vmm` in release mode and returns its path.
-pub fn build_release_vmm() -> Result<PathBuf> {
+/// The target static executables are built for: the host's own, named explicitly so that
+/// `+crt-static` reaches only the target crates, not build scripts and proc macros.
+const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Builds binary `bin` of `package` in release mode as a static executable (glibc with
+/// `-C target-feature=+crt-static`) and returns its path. Static binaries start without the
+/// dynamic loader's work, and the guest agent must not depend on the guest's libraries.
+pub fn build_static(package: &str, bin: &str) -> Result<PathBuf> {
     run(
         Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args(["build", "--release", "--quiet", "-p", "hearth-vmm"])
+            .args(["build", "--release", "--quiet", "-p", package])
+            .args(["--target", STATIC_TARGET])
+            .env(
+                "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+                "-C target-feature=+crt-static",
+            )
             .current_dir(workspace_root()),
     )?;
-    Ok(workspace_root().join("target/release/hearth-vmm"))
+    Ok(workspace_root()
+        .join("target")
+        .join(STATIC_TARGET)
+        .join("release")
+        .join(bin))
+}
+
+/// Builds `hearth-vmm` (release, static) and returns its path.
+pub fn build_release_vmm() -> Result<PathBuf> {
+    build_static("hearth-vmm", "hearth-vmm")
 }
 
 /// Runs `cmd` with inherited stdio and fails unless it exits 0.

@@ -129,7 +129,7 @@ impl Vcpu {
         Ok(Self { fd, index })
     }
 
-    /// Sets CPUID, MSRs, FPU and LAPIC; on the boot vCPU also the entry registers.
+    /// Sets CPUID, MSRs, FPU, XCR0 and LAPIC; on the boot vCPU also the entry registers.
     pub fn configure(
         &self,
         supported: &CpuId,
@@ -138,8 +138,9 @@ impl Vcpu {
         entry: Option<&Entry>,
     ) -> Result<(), VcpuError> {
         let index = self.index;
+        let guest_cpuid = cpuid::for_vcpu(supported, index, count);
         self.fd
-            .set_cpuid2(&cpuid::for_vcpu(supported, index, count))
+            .set_cpuid2(&guest_cpuid)
             .map_err(|source| VcpuError::Kvm {
                 what: "set CPUID",
                 index,
@@ -147,6 +148,8 @@ impl Vcpu {
             })?;
         msr::setup_msrs(&self.fd).map_err(|source| VcpuError::Msr { index, source })?;
         regs::setup_fpu(&self.fd).map_err(|source| VcpuError::Regs { index, source })?;
+        regs::setup_xcr0(&self.fd, cpuid::xcr0_supported(&guest_cpuid))
+            .map_err(|source| VcpuError::Regs { index, source })?;
         lapic::setup_lint(&self.fd).map_err(|source| VcpuError::Lapic { index, source })?;
         if let Some(entry) = entry {
             regs::setup_boot_vcpu(&self.fd, mem, entry)

@@ -91,6 +91,17 @@ pub fn for_vcpu(supported: &CpuId, index: u8, count: u8) -> CpuId {
     cpuid
 }
 
+/// The XSAVE features a guest can enable in XCR0: leaf 0xD, subleaf 0, EDX:EAX. x87 is always
+/// included (XCR0 bit 0 can never be clear).
+pub fn xcr0_supported(cpuid: &CpuId) -> u64 {
+    cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 0xd && e.index == 0)
+        .map_or(0, |e| u64::from(e.eax) | (u64::from(e.edx) << 32))
+        | 1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +136,23 @@ mod tests {
             (e.eax, e.ebx, e.ecx, e.edx),
             (3, 6, (LEVEL_CORE << 8) | 1, 5)
         );
+    }
+
+    #[test]
+    fn test_xcr0_supported_reads_leaf_0xd() {
+        let mut xsave = entry(0xd, 0);
+        xsave.eax = 0x7;
+        xsave.edx = 0x1;
+        let cpuid = CpuId::from_entries(&[entry(0xd, 1), xsave]).unwrap();
+
+        assert_eq!(xcr0_supported(&cpuid), 0x1_0000_0007);
+    }
+
+    #[test]
+    fn test_xcr0_supported_without_xsave_is_x87() {
+        let cpuid = CpuId::from_entries(&[entry(1, 0)]).unwrap();
+
+        assert_eq!(xcr0_supported(&cpuid), 1);
     }
 
     #[test]

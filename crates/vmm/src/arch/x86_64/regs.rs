@@ -1,6 +1,7 @@
-//! The boot vCPU's registers for each entry protocol, and the FPU state every vCPU starts with.
+//! The boot vCPU's registers for each entry protocol, and the FPU and XCR0 state every vCPU
+//! starts with.
 
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -136,6 +137,21 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), RegsError> {
         ..Default::default()
     };
     vcpu.set_fpu(&fpu).map_err(kvm("FPU"))
+}
+
+/// Starts XCR0 at every feature the guest's CPUID enumerates, which is what a Linux guest
+/// programs it to. The guest still writes XCR0 itself with XSETBV, so this changes nothing on
+/// hardware KVM. It matters where the CPU under KVM does not trap XSETBV (KVM nested in QEMU's
+/// TCG, as in the test bed): KVM then never sees the guest's write and sizes CPUID leaf 0xD's
+/// EBX for the reset XCR0, and Linux spends a long `WARN` on the mismatch while booting.
+pub fn setup_xcr0(vcpu: &VcpuFd, xcr0: u64) -> Result<(), RegsError> {
+    let mut xcrs = kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
+    xcrs.xcrs[0].xcr = 0;
+    xcrs.xcrs[0].value = xcr0;
+    vcpu.set_xcrs(&xcrs).map_err(kvm("XCR0"))
 }
 
 #[cfg(test)]

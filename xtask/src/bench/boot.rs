@@ -1,10 +1,5 @@
-//! `cargo xtask bench <suite>`: benchmarks that print Hearth's figures beside QEMU's, both
-//! measured in the same run on the same kernel and root filesystem, where real KVM is (the
-//! test bed otherwise). Each figure is one line:
-//! `<figure> hearth=<value> qemu=<value> ratio=<hearth/qemu> unit=<unit>`.
-//!
-//! `boot`: boot to userspace and the VMM's RSS overhead, `hearth-vmm` against QEMU
-//! `-M microvm` (see `docs/BENCHMARKS.md` for the method).
+//! The `boot` suite: boot to userspace and the VMM's RSS overhead, `hearth-vmm` against QEMU
+//! `-M microvm` on the same kernel and root filesystem (method in `docs/BENCHMARKS.md`).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -14,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::{median, print_figure};
 use crate::qemu::MicrovmBoot;
-use crate::test::TestAssets;
-use crate::{deps, testbed, util};
 
-/// Printed by the guest once its userspace runs.
+/// Printed by the guest's init first thing, through `hearth_boot_marker=` on the kernel
+/// command line (see `guest/rootfs/busybox-init.sh`).
 const MARKER: &str = "hearth-bench-userspace";
 /// Boots per VMM; the median is reported.
 const RUNS: usize = 5;
@@ -26,25 +21,6 @@ const VCPUS: u32 = 1;
 const MEM_MIB: u32 = 256;
 /// How long after the marker the RSS is sampled (the guest is idle in `sleep` by then).
 const SETTLE: Duration = Duration::from_millis(500);
-
-/// The benchmark suites.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum Suite {
-    /// Boot to userspace and VMM memory overhead.
-    Boot,
-}
-
-/// The host side: build the release VMM and the assets, then run the suite where KVM is.
-pub fn run(suite: Suite) -> Result<()> {
-    let Suite::Boot = suite;
-    deps::ensure()?;
-    let vmm = util::build_release_vmm()?;
-    let assets = TestAssets::build()?;
-    testbed::run_xtask(
-        "bench-boot-in-kvm",
-        &[&vmm, &assets.kernel, &assets.busybox],
-    )
-}
 
 /// One boot's figures.
 #[derive(Debug, Clone, Copy)]
@@ -55,17 +31,18 @@ struct Sample {
 
 /// The part that needs KVM: boot each VMM `RUNS` times, alternating, and print the medians.
 pub fn boot_in_kvm(vmm: &Path, kernel: &Path, rootfs: &Path) -> Result<()> {
-    let command = format!("echo {MARKER}; sleep 2");
+    let command = "sleep 2";
     let scratch = std::env::temp_dir().join(format!("hearth-bench-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     let config = scratch.join("vm.json");
-    std::fs::write(&config, hearth_config(kernel, rootfs, &command).to_string())?;
+    std::fs::write(&config, hearth_config(kernel, rootfs, command).to_string())?;
     let qemu = MicrovmBoot {
         kernel,
         rootfs,
         cpus: VCPUS,
         mem_mib: MEM_MIB,
-        command: &command,
+        command,
+        marker: Some(MARKER),
     };
     let mut hearth_samples = Vec::new();
     let mut qemu_samples = Vec::new();
@@ -82,31 +59,19 @@ pub fn boot_in_kvm(vmm: &Path, kernel: &Path, rootfs: &Path) -> Result<()> {
         qemu_samples.push(q);
     }
     let _ = std::fs::remove_dir_all(&scratch);
-    let median = |samples: &[Sample], f: fn(&Sample) -> f64| {
-        let mut v: Vec<f64> = samples.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     print_figure(
         "boot_to_userspace_ms",
-        median(&hearth_samples, |s| s.boot_ms),
-        median(&qemu_samples, |s| s.boot_ms),
+        median(hearth_samples.iter().map(|s| s.boot_ms)),
+        Some(median(qemu_samples.iter().map(|s| s.boot_ms))),
         "ms",
     );
     print_figure(
         "vmm_rss_overhead_mib",
-        median(&hearth_samples, |s| s.overhead_mib),
-        median(&qemu_samples, |s| s.overhead_mib),
+        median(hearth_samples.iter().map(|s| s.overhead_mib)),
+        Some(median(qemu_samples.iter().map(|s| s.overhead_mib))),
         "MiB",
     );
     Ok(())
-}
-
-fn print_figure(name: &str, hearth: f64, qemu: f64, unit: &str) {
-    println!(
-        "{name} hearth={hearth:.1} qemu={qemu:.1} ratio={:.2} unit={unit}",
-        hearth / qemu
-    );
 }
 
 fn hearth_config(kernel: &Path, rootfs: &Path, command: &str) -> serde_json::Value {
@@ -115,7 +80,9 @@ fn hearth_config(kernel: &Path, rootfs: &Path, command: &str) -> serde_json::Val
         "machine": {"vcpus": VCPUS, "memory_mib": MEM_MIB},
         "boot": {
             "kernel": kernel,
-            "cmdline": format!("console=ttyS0 reboot=k panic=-1 quiet -- {command}"),
+            "cmdline": format!(
+                "console=ttyS0 reboot=k panic=-1 quiet hearth_boot_marker={MARKER} -- {command}"
+            ),
         },
         "drives": [{"id": "root", "path": rootfs, "read_only": true, "root": true}],
         "serial": {"output": "stdout"},
@@ -125,6 +92,9 @@ fn hearth_config(kernel: &Path, rootfs: &Path, command: &str) -> serde_json::Val
 /// Starts `cmd`, times it to the guest's marker on the console, samples its memory while the
 /// guest idles, and waits for it to exit.
 fn measure(mut cmd: Command) -> Result<Sample> {
+    // Both VMMs start with the same clean environment: cargo's LD_LIBRARY_PATH would send the
+    // dynamic loader through the toolchain's directories first.
+    cmd.env_remove("LD_LIBRARY_PATH");
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
@@ -136,7 +106,7 @@ fn measure(mut cmd: Command) -> Result<Sample> {
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains(MARKER) {
+            if line.trim() == MARKER {
                 let _ = tx.send(start.elapsed());
             }
         }
