@@ -59,6 +59,7 @@ impl AgentVm {
         let vmm = Command::new(asset("HEARTH_TEST_VMM"))
             .arg("--config")
             .arg(&config_path)
+            .args(["--log-level", "info"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -18,6 +18,8 @@ use super::{median, print_figure};
 const EXECS: usize = 200;
 const WARMUP: usize = 5;
 const STDOUT_BYTES: u64 = 100 << 20;
+/// A single exec that takes this long is a hang, not a figure.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The part that needs KVM: boot, measure, power off.
 pub fn agent_in_kvm(vmm: &Path, kernel: &Path, initrd: &Path, rootfs: &Path) -> Result<()> {
@@ -66,7 +68,9 @@ async fn measure(client: AgentClient) -> Result<()> {
     let mut samples = Vec::with_capacity(EXECS);
     for i in 0..WARMUP + EXECS {
         let start = Instant::now();
-        let out = client.run(&["true"]).await?;
+        let out = tokio::time::timeout(EXEC_TIMEOUT, client.run(&["true"]))
+            .await
+            .with_context(|| format!("exec {i} of `true` took over {EXEC_TIMEOUT:?}"))??;
         if !out.status.success() {
             bail!("`true` failed: {:?}", out.status);
         }
@@ -75,6 +79,7 @@ async fn measure(client: AgentClient) -> Result<()> {
         }
     }
     let exec_ms = median(samples.iter().copied());
+    eprintln!("bench: {EXECS} execs done, median {exec_ms:.1} ms");
     let throughput = stdout_throughput(&client).await?;
     print_figure("exec_roundtrip_ms", exec_ms, None, "ms");
     print_figure("stdout_throughput", throughput, None, "MiB/s");
