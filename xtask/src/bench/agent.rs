@@ -43,6 +43,7 @@ pub fn agent_in_kvm(vmm: &Path, kernel: &Path, initrd: &Path, rootfs: &Path) -> 
     let mut child = Command::new(vmm)
         .arg("--config")
         .arg(&config_path)
+        .args(["--log-level", "info"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
