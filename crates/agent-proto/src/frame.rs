@@ -141,12 +141,25 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
     payload(kind, body).map(Some)
 }
 
-/// Writes one frame and flushes it.
+/// Writes one frame and flushes it. Data chunks go out from the caller's buffer, without the
+/// copy `encode` makes: they are the bulk of every stream.
 pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     frame: &Frame,
 ) -> Result<(), FrameError> {
-    w.write_all(&encode(frame)?).await?;
+    match frame {
+        Frame::Data(stream, bytes) => {
+            if bytes.len() > MAX_FRAME {
+                return Err(FrameError::TooLarge(bytes.len()));
+            }
+            let mut head = [0u8; HEADER];
+            head[0] = stream.kind();
+            head[1..].copy_from_slice(&(bytes.len() as u32).to_le_bytes());
+            w.write_all(&head).await?;
+            w.write_all(bytes).await?;
+        }
+        Frame::Message(_) => w.write_all(&encode(frame)?).await?,
+    }
     w.flush().await?;
     Ok(())
 }
@@ -249,6 +262,16 @@ mod tests {
         let result = read_frame(&mut bytes.as_slice()).await;
 
         assert!(matches!(result, Err(FrameError::Truncated)));
+    }
+
+    #[tokio::test]
+    async fn test_write_frame_data_matches_encode() {
+        let frame = Frame::Data(Stream::Stdout, vec![9; 300]);
+        let mut out = Vec::new();
+
+        write_frame(&mut out, &frame).await.unwrap();
+
+        assert_eq!(out, encode(&frame).unwrap());
     }
 
     #[tokio::test]
