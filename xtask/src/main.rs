@@ -36,13 +36,15 @@ enum Task {
         initrd: PathBuf,
         rootfs: PathBuf,
     },
-    /// Demonstrate what exists: real KVM, and the project's kernel booting its root filesystem.
+    /// Demonstrate the engine: boot, python3 through the agent, snapshot, 3 clones, suspend
+    /// and resume, with each step's time.
     Demo,
     /// The part of the demo that needs KVM (the demo runs it in the test bed).
     #[command(hide = true)]
     DemoInKvm {
         vmm: PathBuf,
         kernel: PathBuf,
+        initrd: PathBuf,
         rootfs: PathBuf,
     },
     /// Install the Debian packages the tasks need (as root), or say which are missing.
@@ -75,8 +77,9 @@ fn main() -> Result<()> {
         Task::DemoInKvm {
             vmm,
             kernel,
+            initrd,
             rootfs,
-        } => demo::run_in_kvm(&vmm, &kernel, &rootfs),
+        } => demo::run_in_kvm(&vmm, &kernel, &initrd, &rootfs),
         Task::Deps => deps::ensure(),
         Task::GuestKernel => {
             let path = kernel::build()?;

@@ -81,11 +81,32 @@ pub struct MicroVm {
     pub devices: MmioDeviceManager,
     pub vcpu_count: u8,
     pub memory_mib: u64,
+    /// The configuration the VM runs with (for a restored VM: the snapshot's, with the
+    /// restore's overrides).
+    pub config: VmConfig,
+    /// The serial port, whose registers a snapshot records.
+    pub serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// The memory file the guest memory is compared against for diff snapshots.
+    pub memory_base: Option<MemoryBase>,
+    /// How long the restore took, for a restored VM.
+    pub restore_time: Option<std::time::Duration>,
+    pub(crate) kvm: Kvm,
     // Dropped last: the VM's memory slots point into `mem`.
-    _vm: Vm,
+    pub(crate) vm: Vm,
 }
 
-fn device_err(field: impl Into<String>, e: impl std::fmt::Display) -> BuildError {
+/// The full memory file a VM's memory descends from, and the pages that differ from it.
+#[derive(Debug)]
+pub struct MemoryBase {
+    /// The memory file, absolute.
+    pub path: std::path::PathBuf,
+    /// Pages that differ from it (KVM's and the VMM's writes since, and a restored diff).
+    pub differing: memory::PageBitmap,
+    /// Whether the guest memory is mapped from `path` (a restored VM) rather than anonymous.
+    pub mapped: bool,
+}
+
+pub(crate) fn device_err(field: impl Into<String>, e: impl std::fmt::Display) -> BuildError {
     BuildError::Device {
         field: field.into(),
         message: e.to_string(),
@@ -109,13 +130,14 @@ fn console_out(config: &VmConfig) -> Result<Option<ConsoleOut>, BuildError> {
 
 /// The virtio devices of `config`, in the order they are attached, with the config field
 /// each comes from.
-fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
+pub(crate) fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
     let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for (i, d) in config.drives.iter().enumerate() {
         let block = Block::new(&BlockConfig {
             path: d.path.clone(),
             read_only: d.read_only,
             id: Some(d.id.clone()),
+            overlay: d.overlay.clone(),
         })
         .map_err(|e| device_err(format!("drives[{i}].path"), error_chain(&e)))?;
         devices.push(Box::new(block));
@@ -174,26 +196,38 @@ fn kernel_cmdline(config: &VmConfig, devices: &MmioDeviceManager) -> String {
         .join(" ")
 }
 
-/// Builds the microVM of `config` and starts its vCPUs.
-pub fn build_and_start(config: &VmConfig) -> Result<MicroVm, BuildError> {
-    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
-    let mem = memory::create(config.machine.memory_mib)?;
-    let vm = Vm::new(&kvm)?;
-    vm.register_memory(&mem)?;
+/// The port-I/O and MMIO buses with the legacy devices on them.
+pub(crate) struct Legacy {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub exit_evt: EventFd,
+    pub serial: Option<Arc<Mutex<SerialDevice>>>,
+    pub boot_time: BootTime,
+}
 
+/// Creates the serial port (its registers from `serial_state` for a restore), the i8042 and
+/// the boot timer.
+pub(crate) fn legacy_devices(
+    config: &VmConfig,
+    vm: &Vm,
+    serial_state: Option<&serial::SerialState>,
+) -> Result<Legacy, BuildError> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    let mut serial_handle = None;
     if let Some(out) = console_out(config)? {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
         vm.register_irqfd(&irq, layout::SERIAL_IRQ)?;
-        let serial = SerialDevice::new(EventFdTrigger(irq), out);
-        pio.insert(
-            Arc::new(Mutex::new(serial)),
-            serial::COM1_PORT,
-            serial::PORT_LEN,
-        )
-        .map_err(BuildError::Bus)?;
+        let serial = match serial_state {
+            Some(state) => SerialDevice::restore(EventFdTrigger(irq), out, state)
+                .ok_or_else(|| device_err("serial", "the snapshot's serial state is impossible"))?,
+            None => SerialDevice::new(EventFdTrigger(irq), out),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        pio.insert(serial.clone(), serial::COM1_PORT, serial::PORT_LEN)
+            .map_err(BuildError::Bus)?;
+        serial_handle = Some(serial);
     }
     let reset = exit_evt.try_clone().map_err(BuildError::EventFd)?;
     pio.insert(
@@ -209,10 +243,32 @@ pub fn build_and_start(config: &VmConfig) -> Result<MicroVm, BuildError> {
         boot_timer::MMIO_LEN,
     )
     .map_err(BuildError::Bus)?;
+    Ok(Legacy {
+        pio,
+        mmio,
+        exit_evt,
+        serial: serial_handle,
+        boot_time,
+    })
+}
+
+/// Builds the microVM of `config` and starts its vCPUs.
+pub fn build_and_start(config: &VmConfig) -> Result<MicroVm, BuildError> {
+    let kvm = Kvm::new().map_err(BuildError::Kvm)?;
+    let mem = memory::create(config.machine.memory_mib)?;
+    let mut vm = Vm::new(&kvm)?;
+    vm.register_memory(&mem, config.machine.track_dirty_pages)?;
+    let Legacy {
+        pio,
+        mut mmio,
+        exit_evt,
+        serial,
+        boot_time,
+    } = legacy_devices(config, &vm, None)?;
 
     let mut devices = MmioDeviceManager::new();
     for device in virtio_devices(config)? {
-        devices.attach(&vm, &mut mmio, &mem, device)?;
+        devices.attach(&vm, &mut mmio, &mem, device, None)?;
     }
 
     let cmdline = kernel_cmdline(config, &devices);
@@ -243,7 +299,7 @@ pub fn build_and_start(config: &VmConfig) -> Result<MicroVm, BuildError> {
         metrics: Default::default(),
     });
     boot_time.start();
-    let threads = VcpuThreads::start(vcpus, shared.clone())?;
+    let threads = VcpuThreads::start(vcpus, shared.clone(), false)?;
     Ok(MicroVm {
         mem,
         shared,
@@ -252,7 +308,12 @@ pub fn build_and_start(config: &VmConfig) -> Result<MicroVm, BuildError> {
         devices,
         vcpu_count: count,
         memory_mib: config.machine.memory_mib,
-        _vm: vm,
+        config: config.clone(),
+        serial,
+        memory_base: None,
+        restore_time: None,
+        kvm,
+        vm,
     })
 }
 

@@ -69,6 +69,10 @@ pub struct VmConfig {
 pub struct MachineConfig {
     pub vcpus: u8,
     pub memory_mib: u64,
+    /// Have KVM log the pages the guest writes, so that diff snapshots can be taken. A
+    /// restored VM always logs them.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 /// What to boot.
@@ -94,6 +98,10 @@ pub struct DriveConfig {
     /// Mount it as the root filesystem (`root=/dev/vdX` is added to the command line).
     #[serde(default)]
     pub root: bool,
+    /// A copy-on-write overlay: `path` is then a read-only base that is never written, and
+    /// the guest's writes go to this file (created if missing; see `docs/SNAPSHOTS.md`).
+    #[serde(default)]
+    pub overlay: Option<PathBuf>,
 }
 
 /// The virtio-vsock device and its host Unix socket.
@@ -182,6 +190,12 @@ impl VmConfig {
                 return Err(ConfigError::new(
                     format!("drives[{i}].id"),
                     "must be 1 to 20 bytes (the virtio-blk serial)",
+                ));
+            }
+            if d.overlay.is_some() && d.read_only {
+                return Err(ConfigError::new(
+                    format!("drives[{i}].overlay"),
+                    "a read-only drive cannot have a copy-on-write overlay",
                 ));
             }
             if self.drives[..i].iter().any(|o| o.id == d.id) {

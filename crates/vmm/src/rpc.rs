@@ -13,13 +13,26 @@
 //! < {"version":1,"ok":false,"error":{"field":null,"message":"the VM is not running"}}
 //! ```
 //!
-//! Actions: `configure` (a `VmConfig`), `start`, `pause`, `resume`, `stop`, `describe`.
+//! Actions: `configure` (a `VmConfig`), `start`, `pause`, `resume`, `stop`, `describe`,
+//! `snapshot` (`path`, `kind`: `full` or `diff`, `stop`: end the VM once it is written, as a
+//! suspend does) and `restore` (`path`, `overrides`, `paused`), which takes the place of
+//! `configure` and `start`:
+//!
+//! ```text
+//! > {"version":1,"action":"snapshot","path":"/srv/snap/1","kind":"full"}
+//! < {"version":1,"ok":true,"result":{"state":"running","snapshot":{"memory_bytes":...}}}
+//! > {"version":1,"action":"restore","path":"/srv/snap/1","overrides":{"vsock_uds_path":"/run/c1.sock"}}
+//! < {"version":1,"ok":true,"result":{"state":"running","restore_ms":4.1}}
+//! ```
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use std::path::{Path, PathBuf};
+
 use crate::builder::{self, error_chain, MicroVm};
 use crate::config::VmConfig;
+use crate::persist::{self, PersistError, RestoreOverrides, SnapshotKind};
 use crate::vstate::memory;
 use crate::vstate::vcpu::GuestExit;
 
@@ -32,12 +45,32 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 #[derive(Debug, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Action {
-    Configure { config: Value },
+    Configure {
+        config: Value,
+    },
     Start,
     Pause,
     Resume,
     Stop,
     Describe,
+    Snapshot {
+        path: PathBuf,
+        #[serde(default = "full")]
+        kind: SnapshotKind,
+        #[serde(default)]
+        stop: bool,
+    },
+    Restore {
+        path: PathBuf,
+        #[serde(default)]
+        overrides: RestoreOverrides,
+        #[serde(default)]
+        paused: bool,
+    },
+}
+
+fn full() -> SnapshotKind {
+    SnapshotKind::Full
 }
 
 #[derive(Debug, Deserialize)]
@@ -48,7 +81,7 @@ struct Envelope {
 }
 
 /// A failed action.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{}{message}", field.as_deref().map(|f| format!("{f}: ")).unwrap_or_default())]
 pub struct RpcError {
     pub field: Option<String>,
@@ -135,7 +168,74 @@ impl Controller {
             Action::Resume => self.resume(),
             Action::Stop => self.stop(),
             Action::Describe => Ok(self.describe()),
+            Action::Snapshot { path, kind, stop } => self.snapshot(&path, kind, stop),
+            Action::Restore {
+                path,
+                overrides,
+                paused,
+            } => self.restore(&path, &overrides, paused),
         }
+    }
+
+    /// Writes a snapshot into the new directory `dir`. A running VM is paused for it and runs
+    /// on afterwards; with `stop`, the VM ends once the snapshot is on disk (a suspend).
+    pub fn snapshot(
+        &mut self,
+        dir: &Path,
+        kind: SnapshotKind,
+        stop: bool,
+    ) -> Result<Value, RpcError> {
+        let was_running = match self.state {
+            VmState::Running => true,
+            VmState::Paused => false,
+            _ => return Err(RpcError::new("the VM is not running")),
+        };
+        let vm = self
+            .vm
+            .as_mut()
+            .ok_or_else(|| RpcError::new("the VM is not running"))?;
+        let threads = vm
+            .vcpus
+            .as_ref()
+            .ok_or_else(|| RpcError::new("the VM has no vCPUs"))?;
+        let start = std::time::Instant::now();
+        threads.pause().map_err(|e| RpcError::new(e.to_string()))?;
+        let pause_ms = start.elapsed().as_secs_f64() * 1000.0;
+        let result = persist::create_snapshot(vm, dir, kind);
+        if result.is_ok() && stop {
+            self.stop()?;
+        } else {
+            vm.devices.resume_after_snapshot();
+            if was_running {
+                if let Some(threads) = vm.vcpus.as_ref() {
+                    threads.resume();
+                }
+            }
+        }
+        let report = result.map_err(persist_error)?;
+        Ok(json!({"state": self.state, "pause_ms": pause_ms, "snapshot": report}))
+    }
+
+    /// Builds the VM from the snapshot in `dir` instead of a configuration.
+    pub fn restore(
+        &mut self,
+        dir: &Path,
+        overrides: &RestoreOverrides,
+        paused: bool,
+    ) -> Result<Value, RpcError> {
+        if !matches!(self.state, VmState::NotConfigured | VmState::Configured) {
+            return Err(RpcError::new("the VM has already started"));
+        }
+        let vm = persist::restore(dir, overrides, paused).map_err(persist_error)?;
+        let restore_ms = vm.restore_time.map(|d| d.as_secs_f64() * 1000.0);
+        self.config = Some(vm.config.clone());
+        self.vm = Some(vm);
+        self.state = if paused {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
+        Ok(json!({"state": self.state, "restore_ms": restore_ms}))
     }
 
     /// Takes a configuration (JSON text); only before the VM starts.
@@ -246,6 +346,9 @@ impl Controller {
         let Some(vm) = &self.vm else {
             return out;
         };
+        if let Some(d) = vm.restore_time {
+            out["restore_ms"] = json!(d.as_secs_f64() * 1000.0);
+        }
         out["boot_to_userspace_ms"] = json!(vm
             .boot_time
             .to_userspace()
@@ -265,6 +368,40 @@ impl Controller {
             "vmm_overhead_bytes": rss.saturating_sub(guest),
         });
         out
+    }
+}
+
+/// The client side: sends one request (`{"action": ...}`; the version is added) to the control
+/// socket at `sock` and returns the response's `result`, or its error as an `RpcError`.
+pub fn call(sock: &Path, request: &Value) -> Result<Value, RpcError> {
+    use std::io::{BufRead, BufReader, Write};
+    let io = |e: std::io::Error| RpcError::new(format!("control socket {}: {e}", sock.display()));
+    let mut line = request.clone();
+    line["version"] = json!(PROTOCOL_VERSION);
+    let mut stream = std::os::unix::net::UnixStream::connect(sock).map_err(io)?;
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .map_err(io)?;
+    let mut response = String::new();
+    BufReader::new(stream)
+        .read_line(&mut response)
+        .map_err(io)?;
+    let mut response: Value = serde_json::from_str(&response)
+        .map_err(|e| RpcError::new(format!("bad response from {}: {e}", sock.display())))?;
+    if response["ok"] == json!(true) {
+        return Ok(response["result"].take());
+    }
+    Err(serde_json::from_value(response["error"].take())
+        .unwrap_or_else(|_| RpcError::new(format!("bad error response: {response}"))))
+}
+
+fn persist_error(e: PersistError) -> RpcError {
+    match e {
+        PersistError::Request { field, message } => RpcError {
+            field: Some(field),
+            message,
+        },
+        other => RpcError::new(error_chain(&other)),
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::arch::x86_64::layout;
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::virtio::mmio::{self, MmioError, MmioTransport};
+use crate::devices::virtio::mmio::{self, MmioError, MmioTransport, TransportState};
 use crate::devices::virtio::{GuestMemoryMmap, VirtioDevice};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -47,13 +47,16 @@ impl MmioDeviceManager {
         Self::default()
     }
 
-    /// Attaches `device`: transport, bus window, irqfd, one ioeventfd per queue.
+    /// Attaches `device`: transport, bus window, irqfd, one ioeventfd per queue. With
+    /// `state` (from a snapshot), the transport's registers and queues come from it and the
+    /// device starts where it was.
     pub fn attach(
         &mut self,
         vm: &Vm,
         mmio: &mut Bus,
         mem: &GuestMemoryMmap,
         device: Box<dyn VirtioDevice>,
+        state: Option<&TransportState>,
     ) -> Result<&AttachedDevice, DeviceManagerError> {
         let slot = self.devices.len() as u64;
         let irq = layout::IRQ_BASE + slot as u32;
@@ -61,8 +64,11 @@ impl MmioDeviceManager {
             return Err(DeviceManagerError::NoIrq);
         }
         let base = layout::MMIO_DEVICES_START + slot * layout::MMIO_DEVICE_SIZE;
-        let transport =
-            MmioTransport::new(device, mem.clone()).map_err(DeviceManagerError::Transport)?;
+        let transport = match state {
+            None => MmioTransport::new(device, mem.clone()),
+            Some(state) => MmioTransport::restore(device, mem.clone(), state),
+        }
+        .map_err(DeviceManagerError::Transport)?;
         vm.register_irqfd(transport.irq().eventfd(), irq)
             .map_err(DeviceManagerError::Kvm)?;
         for (index, evt) in transport.queue_evts().iter().enumerate() {
@@ -86,6 +92,31 @@ impl MmioDeviceManager {
             .iter()
             .map(|d| cmdline_entry(d.base, d.irq))
             .collect()
+    }
+
+    /// Stops every device between two requests (the vCPUs must be paused) and returns their
+    /// states, in attachment order.
+    pub fn quiesce(&self) -> Result<Vec<TransportState>, DeviceManagerError> {
+        self.devices
+            .iter()
+            .map(|d| {
+                d.transport
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .quiesce()
+                    .map_err(DeviceManagerError::Transport)
+            })
+            .collect()
+    }
+
+    /// Starts the devices again after [`MmioDeviceManager::quiesce`].
+    pub fn resume_after_snapshot(&self) {
+        for d in &self.devices {
+            d.transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .resume_after_snapshot();
+        }
     }
 
     /// The attached devices, in order.

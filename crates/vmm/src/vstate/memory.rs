@@ -1,11 +1,28 @@
 //! Guest memory: anonymous private mappings laid out by `arch::x86_64::layout`, reserved
 //! lazily (MAP_NORESERVE) so the host commits only what the guest touches. A restored VM maps
-//! the same layout from a snapshot file instead.
+//! the same layout MAP_PRIVATE from a snapshot's memory file instead, with a diff layered on
+//! top (see [`restore`]).
+//!
+//! A memory file holds the regions back to back, each page at its guest offset, holes where
+//! the guest never wrote. A diff file has the same layout but holds only the pages listed in
+//! its runs; every other page comes from the base memory file.
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::arch::x86_64::layout;
-use crate::devices::virtio::GuestMemoryMmap;
+
+/// Guest memory as the VMM and its devices see it. The bitmap records every page the VMM
+/// writes (a device filling a buffer), which KVM's dirty log cannot see; diff snapshots need
+/// both.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 /// The smallest guest memory Hearth accepts, in MiB.
 pub const MIN_MEM_MIB: u64 = 128;
@@ -21,7 +38,42 @@ pub enum MemoryError {
     /// The host could not map it.
     #[error("cannot map {mib} MiB of guest memory: {detail}")]
     Map { mib: u64, detail: String },
+    /// A memory or diff file could not be read or written.
+    #[error("{what} {path}")]
+    File {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A memory file is smaller than the guest memory it should hold.
+    #[error("the memory file {path} holds {len} bytes, the guest has {expected}")]
+    FileSize {
+        path: String,
+        len: u64,
+        expected: u64,
+    },
+    /// A diff run lies outside guest memory.
+    #[error("a diff run of {pages} pages at page {first} is outside guest memory")]
+    Run { first: u64, pages: u64 },
 }
+
+/// Bytes in a page: the unit of dirty tracking and of memory files.
+pub const PAGE_SIZE: u64 = 4096;
+
+fn file_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> MemoryError + 'a {
+    move |source| MemoryError::File {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// One bitmap per region, one bit per page: the pages that differ from a base memory file.
+pub type PageBitmap = Vec<Vec<u64>>;
+
+/// Runs of pages, `(first page, page count)` over the whole memory file, in order.
+pub type PageRuns = Vec<(u64, u64)>;
 
 /// Anonymous guest memory of `mib` MiB.
 pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
@@ -36,6 +88,264 @@ pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
         mib,
         detail: e.to_string(),
     })
+}
+
+/// Guest memory of `mib` MiB mapped MAP_PRIVATE from the memory file `base`: nothing is read
+/// until the guest touches it, and every VM mapping the same file shares its page cache. The
+/// pages of `diff` (a file with the same layout) listed in `runs` are mapped over the base the
+/// same way.
+pub fn restore(
+    mib: u64,
+    base: &Path,
+    diff: Option<(&Path, &PageRuns)>,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mib) {
+        return Err(MemoryError::Size(mib));
+    }
+    let file = File::open(base).map_err(file_err("cannot open the memory file", base))?;
+    let len = file
+        .metadata()
+        .map_err(file_err("cannot read the size of", base))?
+        .len();
+    if len < mib << 20 {
+        return Err(MemoryError::FileSize {
+            path: base.display().to_string(),
+            len,
+            expected: mib << 20,
+        });
+    }
+    let map_err = |e: &dyn std::fmt::Display| MemoryError::Map {
+        mib,
+        detail: e.to_string(),
+    };
+    let mut regions = Vec::new();
+    let mut file_offset = 0u64;
+    for (start, size) in layout::ram_regions(mib << 20) {
+        let clone = file.try_clone().map_err(file_err("cannot open", base))?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(
+            size as usize,
+            <AtomicBitmap as vm_memory::bitmap::NewBitmap>::with_len(size as usize),
+        )
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .with_file_offset(FileOffset::new(clone, file_offset))
+        .build()
+        .map_err(|e| map_err(&e))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| map_err(&"the region overflows the guest address space"))?;
+        regions.push(region);
+        file_offset += size;
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| map_err(&e))?;
+    if let Some((path, runs)) = diff {
+        map_diff(&mem, path, runs)?;
+    }
+    Ok(mem)
+}
+
+/// The host address and length of each region, with its offset in a memory file.
+fn file_layout(mem: &GuestMemoryMmap) -> Vec<(*mut u8, u64, u64)> {
+    let mut offset = 0u64;
+    mem.iter()
+        .filter_map(|region| {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .ok()?;
+            let entry = (host, offset, region.len());
+            offset += region.len();
+            Some(entry)
+        })
+        .collect()
+}
+
+/// Maps the pages of `runs` from the diff file at `path` over `mem` (MAP_FIXED|MAP_PRIVATE).
+fn map_diff(mem: &GuestMemoryMmap, path: &Path, runs: &PageRuns) -> Result<(), MemoryError> {
+    let file = File::open(path).map_err(file_err("cannot open the diff file", path))?;
+    let layout = file_layout(mem);
+    for &(first, pages) in runs {
+        let bad_run = || MemoryError::Run { first, pages };
+        let start = first.checked_mul(PAGE_SIZE).ok_or_else(bad_run)?;
+        let len = pages.checked_mul(PAGE_SIZE).ok_or_else(bad_run)?;
+        let end = start.checked_add(len).ok_or_else(bad_run)?;
+        // A run never crosses regions: the writer splits runs at region ends.
+        let &(host, offset, _) = layout
+            .iter()
+            .find(|(_, offset, size)| start >= *offset && end <= offset + size)
+            .ok_or_else(bad_run)?;
+        // SAFETY: `host + (start - offset) .. + len` lies inside one region's own mapping (checked
+        // just above), which `mem` keeps alive; MAP_FIXED replaces those pages of that mapping
+        // with a private mapping of the same size, so no other memory is touched and the guest
+        // memory stays a valid read-write mapping.
+        let addr = unsafe {
+            libc::mmap(
+                host.add((start - offset) as usize).cast(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                start as libc::off_t,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(MemoryError::File {
+                what: "cannot map the diff file",
+                path: path.display().to_string(),
+                source: io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Writes every page of anonymous guest memory the host holds (resident or swapped, from
+/// /proc/self/pagemap) to a new sparse memory file at `path`; pages never touched stay holes
+/// and read as zero, as they are in the guest. Returns the bytes written.
+pub fn write_full(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, MemoryError> {
+    let file = File::create(path).map_err(file_err("cannot create the memory file", path))?;
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(total)
+        .map_err(file_err("cannot size the memory file", path))?;
+    let pagemap = File::open("/proc/self/pagemap")
+        .map_err(file_err("cannot read", Path::new("/proc/self/pagemap")))?;
+    let mut written = 0u64;
+    for (host, offset, size) in file_layout(mem) {
+        let pages = size / PAGE_SIZE;
+        let mut entries = vec![0u8; (pages * 8) as usize];
+        pagemap
+            .read_exact_at(&mut entries, (host as u64 / PAGE_SIZE) * 8)
+            .map_err(file_err("cannot read", Path::new("/proc/self/pagemap")))?;
+        let held = |page: u64| {
+            let i = (page * 8) as usize;
+            let entry = u64::from_le_bytes(entries[i..i + 8].try_into().unwrap_or_default());
+            // Bit 63: present in RAM; bit 62: swapped out.
+            entry & (3 << 62) != 0
+        };
+        for (first, count) in runs_of(pages, held) {
+            written += write_run(&file, path, host, offset, first, count)?;
+        }
+    }
+    file.sync_all()
+        .map_err(file_err("cannot sync the memory file", path))?;
+    Ok(written)
+}
+
+/// Writes the pages set in `pages` (one bitmap per region) at their offsets in the memory file
+/// layout: into a new sparse diff file at `path` with `create`, else into the existing memory
+/// file there. Returns the runs written.
+pub fn write_diff(
+    mem: &GuestMemoryMmap,
+    pages: &PageBitmap,
+    path: &Path,
+    create: bool,
+) -> Result<PageRuns, MemoryError> {
+    let file = if create {
+        let file = File::create(path).map_err(file_err("cannot create the diff file", path))?;
+        let total: u64 = mem.iter().map(|r| r.len()).sum();
+        file.set_len(total)
+            .map_err(file_err("cannot size the diff file", path))?;
+        file
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(file_err("cannot open the memory file", path))?
+    };
+    let mut all_runs = Vec::new();
+    for ((host, offset, size), bitmap) in file_layout(mem).into_iter().zip(pages) {
+        let set = |page: u64| {
+            bitmap
+                .get((page / 64) as usize)
+                .is_some_and(|word| word & (1 << (page % 64)) != 0)
+        };
+        for (first, count) in runs_of(size / PAGE_SIZE, set) {
+            write_run(&file, path, host, offset, first, count)?;
+            all_runs.push((offset / PAGE_SIZE + first, count));
+        }
+    }
+    file.sync_all()
+        .map_err(file_err("cannot sync the diff file", path))?;
+    Ok(all_runs)
+}
+
+/// Writes `count` pages from page `first` of the region at `host` (file offset `offset`).
+fn write_run(
+    file: &File,
+    path: &Path,
+    host: *mut u8,
+    offset: u64,
+    first: u64,
+    count: u64,
+) -> Result<u64, MemoryError> {
+    let len = (count * PAGE_SIZE) as usize;
+    // SAFETY: the run lies inside the region mapped at `host` (callers derive it from the
+    // region's page count), which the caller's `&GuestMemoryMmap` keeps alive; the vCPUs and
+    // device workers are paused, so nothing writes it while it is read.
+    let bytes = unsafe { std::slice::from_raw_parts(host.add((first * PAGE_SIZE) as usize), len) };
+    file.write_all_at(bytes, offset + first * PAGE_SIZE)
+        .map_err(file_err("cannot write", path))?;
+    Ok(len as u64)
+}
+
+/// The runs of consecutive pages among `0..pages` for which `set` holds.
+fn runs_of(pages: u64, set: impl Fn(u64) -> bool) -> Vec<(u64, u64)> {
+    let mut runs = Vec::new();
+    let mut page = 0;
+    while page < pages {
+        if !set(page) {
+            page += 1;
+            continue;
+        }
+        let first = page;
+        while page < pages && set(page) {
+            page += 1;
+        }
+        runs.push((first, page - first));
+    }
+    runs
+}
+
+/// An empty page bitmap for `mem`.
+pub fn empty_bitmap(mem: &GuestMemoryMmap) -> PageBitmap {
+    mem.iter()
+        .map(|r| vec![0u64; (r.len() / PAGE_SIZE).div_ceil(64) as usize])
+        .collect()
+}
+
+/// Sets in `into` every page listed in `runs` (runs over the whole memory file).
+pub fn mark_runs(mem: &GuestMemoryMmap, into: &mut PageBitmap, runs: &PageRuns) {
+    for (bitmap, (_, offset, size)) in into.iter_mut().zip(file_layout(mem)) {
+        let (lo, hi) = (offset / PAGE_SIZE, (offset + size) / PAGE_SIZE);
+        for &(first, count) in runs {
+            for page in first.max(lo)..(first + count).min(hi) {
+                let page = page - lo;
+                if let Some(word) = bitmap.get_mut((page / 64) as usize) {
+                    *word |= 1 << (page % 64);
+                }
+            }
+        }
+    }
+}
+
+/// Forgets the pages the VMM wrote so far (they are in a snapshot just taken).
+pub fn clear_vmm_dirty(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        let vmm: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
+        vmm.reset();
+    }
+}
+
+/// ORs into `into` the pages KVM logged (`kvm`, one bitmap per region) and the pages the VMM
+/// wrote (the regions' own bitmaps, which this clears).
+pub fn merge_dirty(mem: &GuestMemoryMmap, into: &mut PageBitmap, kvm: &[Vec<u64>]) {
+    for ((region, bitmap), logged) in mem.iter().zip(into.iter_mut()).zip(kvm) {
+        for (word, k) in bitmap.iter_mut().zip(logged) {
+            *word |= k;
+        }
+        let vmm: &AtomicBitmap = std::ops::Deref::deref(region).bitmap();
+        for (word, v) in bitmap.iter_mut().zip(vmm.get_and_reset()) {
+            *word |= v;
+        }
+    }
 }
 
 /// How many bytes of guest memory are resident on the host (pages the guest touched).

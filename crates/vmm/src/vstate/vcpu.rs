@@ -12,8 +12,12 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::CpuId;
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -65,6 +69,29 @@ pub enum VcpuError {
     /// The vCPUs did not stop in time.
     #[error("the vCPUs did not pause within {0:?}")]
     PauseTimeout(Duration),
+    /// A state request needs the vCPUs paused.
+    #[error("the vCPUs are not paused")]
+    NotPaused,
+    /// Saving a vCPU's state failed.
+    #[error("cannot save the state of vCPU {index}: {message}")]
+    Save { index: u8, message: String },
+}
+
+/// Everything KVM holds for one vCPU, as a snapshot records it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub msrs: Vec<kvm_msr_entry>,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub lapic: kvm_lapic_state,
+    pub mp_state: kvm_mp_state,
+    pub events: kvm_vcpu_events,
+    pub debug_regs: kvm_debugregs,
+    /// The guest TSC frequency, where KVM reports it.
+    pub tsc_khz: Option<u32>,
 }
 
 /// How the guest ended, as the vCPUs saw it.
@@ -129,6 +156,94 @@ impl Vcpu {
         Ok(Self { fd, index })
     }
 
+    /// Reads the vCPU's whole state. Call it only between two KVM_RUNs: it first lets KVM
+    /// finish an instruction whose port or MMIO access the VMM has just served (an `immediate_exit`
+    /// run), so the saved registers hold its result.
+    pub fn save_state(&mut self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+        let index = self.index;
+        let kvm = |what: &'static str| {
+            move |source| VcpuError::Kvm {
+                what,
+                index,
+                source,
+            }
+        };
+        self.fd.set_kvm_immediate_exit(1);
+        let flushed = match self.fd.run() {
+            Err(e) if e.errno() != libc::EINTR => Err(e),
+            _ => Ok(()),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        flushed.map_err(kvm("finish the pending exit"))?;
+        let fd = &self.fd;
+        let cpuid = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("read CPUID"))?
+            .as_slice()
+            .to_vec();
+        let msrs =
+            msr::save_msrs(fd, msr_indices).map_err(|source| VcpuError::Msr { index, source })?;
+        Ok(VcpuState {
+            cpuid,
+            msrs,
+            mp_state: fd.get_mp_state().map_err(kvm("read the MP state"))?,
+            regs: fd.get_regs().map_err(kvm("read the registers"))?,
+            sregs: fd.get_sregs().map_err(kvm("read the special registers"))?,
+            xsave: fd.get_xsave().map_err(kvm("read the XSAVE area"))?,
+            xcrs: fd.get_xcrs().map_err(kvm("read the XCRs"))?,
+            debug_regs: fd
+                .get_debug_regs()
+                .map_err(kvm("read the debug registers"))?,
+            lapic: fd.get_lapic().map_err(kvm("read the local APIC"))?,
+            events: fd
+                .get_vcpu_events()
+                .map_err(kvm("read the pending events"))?,
+            tsc_khz: fd.get_tsc_khz().ok(),
+        })
+    }
+
+    /// Loads a state saved by [`Vcpu::save_state`], in the order KVM needs: CPUID first, the
+    /// LAPIC before the MSRs (the TSC deadline timer), the pending events last.
+    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+        let index = self.index;
+        let kvm = |what: &'static str| {
+            move |source| VcpuError::Kvm {
+                what,
+                index,
+                source,
+            }
+        };
+        let fd = &self.fd;
+        if let Some(khz) = state.tsc_khz {
+            if fd.get_tsc_khz().ok() != Some(khz) {
+                if let Err(e) = fd.set_tsc_khz(khz) {
+                    log::warn!("vCPU {index}: cannot set the TSC to {khz} kHz: {e}");
+                }
+            }
+        }
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::Save {
+            index,
+            message: format!("{} CPUID entries are too many", state.cpuid.len()),
+        })?;
+        fd.set_cpuid2(&cpuid).map_err(kvm("set CPUID"))?;
+        fd.set_mp_state(state.mp_state)
+            .map_err(kvm("set the MP state"))?;
+        fd.set_regs(&state.regs).map_err(kvm("set the registers"))?;
+        fd.set_sregs(&state.sregs)
+            .map_err(kvm("set the special registers"))?;
+        // SAFETY: `state.xsave` is a whole `kvm_xsave`, the size KVM_SET_XSAVE reads.
+        unsafe { fd.set_xsave(&state.xsave) }.map_err(kvm("set the XSAVE area"))?;
+        fd.set_xcrs(&state.xcrs).map_err(kvm("set the XCRs"))?;
+        fd.set_debug_regs(&state.debug_regs)
+            .map_err(kvm("set the debug registers"))?;
+        fd.set_lapic(&state.lapic)
+            .map_err(kvm("set the local APIC"))?;
+        msr::restore_msrs(fd, &state.msrs).map_err(|source| VcpuError::Msr { index, source })?;
+        fd.set_vcpu_events(&state.events)
+            .map_err(kvm("set the pending events"))?;
+        Ok(())
+    }
+
     /// Sets CPUID, MSRs, FPU, XCR0 and LAPIC; on the boot vCPU also the entry registers.
     pub fn configure(
         &self,
@@ -171,6 +286,14 @@ struct ControlState {
     requested: Requested,
     parked: usize,
     exited: usize,
+    /// A state save in progress: every parked vCPU fills its slot.
+    save: Option<SaveRequest>,
+}
+
+#[derive(Debug)]
+struct SaveRequest {
+    msr_indices: Arc<Vec<u32>>,
+    results: Vec<Option<Result<VcpuState, VcpuError>>>,
 }
 
 /// The run/pause/stop state all vCPU threads follow.
@@ -185,13 +308,28 @@ impl Control {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Called by a vCPU thread between KVM_RUNs: parks while paused; false means stop.
-    fn may_run(&self) -> bool {
+    /// Called by a vCPU thread between KVM_RUNs: parks while paused, saving its state when
+    /// asked to; false means stop.
+    fn may_run(&self, vcpu: &mut Vcpu) -> bool {
         let mut state = self.lock();
         if state.requested == Requested::Pause {
             state.parked += 1;
             self.cond.notify_all();
             while state.requested == Requested::Pause {
+                let index = usize::from(vcpu.index);
+                let wanted = state.save.as_ref().and_then(|save| {
+                    matches!(save.results.get(index), Some(None)).then(|| save.msr_indices.clone())
+                });
+                if let Some(msr_indices) = wanted {
+                    drop(state);
+                    let result = vcpu.save_state(&msr_indices);
+                    state = self.lock();
+                    if let Some(slot) = state.save.as_mut().and_then(|s| s.results.get_mut(index)) {
+                        *slot = Some(result);
+                    }
+                    self.cond.notify_all();
+                    continue;
+                }
                 state = self.cond.wait(state).unwrap_or_else(|e| e.into_inner());
             }
             state.parked -= 1;
@@ -233,14 +371,24 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
 
 impl VcpuThreads {
-    /// Starts one thread per vCPU, running.
-    pub fn start(vcpus: Vec<Vcpu>, shared: Arc<VcpuShared>) -> Result<Self, VcpuError> {
+    /// Starts one thread per vCPU, running, or parked with `paused` (then
+    /// [`VcpuThreads::resume`] lets them run).
+    pub fn start(
+        vcpus: Vec<Vcpu>,
+        shared: Arc<VcpuShared>,
+        paused: bool,
+    ) -> Result<Self, VcpuError> {
         install_kick_handler();
         let control = Arc::new(Control {
             state: Mutex::new(ControlState {
-                requested: Requested::Run,
+                requested: if paused {
+                    Requested::Pause
+                } else {
+                    Requested::Run
+                },
                 parked: 0,
                 exited: 0,
+                save: None,
             }),
             cond: Condvar::new(),
         });
@@ -287,6 +435,47 @@ impl VcpuThreads {
         }
     }
 
+    /// Saves every vCPU's state; the vCPUs must be paused. Each vCPU thread saves its own.
+    pub fn save_states(&self, msr_indices: Vec<u32>) -> Result<Vec<VcpuState>, VcpuError> {
+        let count = self.threads.len();
+        let mut state = self.control.lock();
+        if state.requested != Requested::Pause || state.parked < count {
+            return Err(VcpuError::NotPaused);
+        }
+        state.save = Some(SaveRequest {
+            msr_indices: Arc::new(msr_indices),
+            results: (0..count).map(|_| None).collect(),
+        });
+        self.control.cond.notify_all();
+        loop {
+            let done = state
+                .save
+                .as_ref()
+                .is_some_and(|s| s.results.iter().all(Option::is_some));
+            if done {
+                break;
+            }
+            state = self
+                .control
+                .cond
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        let results = state.save.take().map(|s| s.results).unwrap_or_default();
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(index, r)| {
+                r.unwrap_or_else(|| {
+                    Err(VcpuError::Save {
+                        index: index as u8,
+                        message: "no state".to_owned(),
+                    })
+                })
+            })
+            .collect()
+    }
+
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
         let mut state = self.control.lock();
@@ -312,7 +501,7 @@ impl VcpuThreads {
 
 fn run_loop(mut vcpu: Vcpu, control: &Control, shared: &VcpuShared) {
     let index = vcpu.index;
-    while control.may_run() {
+    while control.may_run(&mut vcpu) {
         match vcpu.fd.run() {
             Ok(exit) => {
                 if let Some(end) = handle_exit(exit, shared) {

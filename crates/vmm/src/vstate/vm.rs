@@ -2,8 +2,13 @@
 //! and the irqfd/ioeventfd wiring devices use to raise interrupts and take notifications
 //! without a trip through the VMM.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -29,10 +34,22 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// What KVM holds for the VM outside the vCPUs, as a snapshot records it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
 /// A KVM VM with its irqchip and PIT.
 #[derive(Debug)]
 pub struct Vm {
     fd: VmFd,
+    /// Whether the memory slots log dirty pages.
+    dirty_log: bool,
 }
 
 impl Vm {
@@ -47,11 +64,21 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm("create the PIT"))?;
-        Ok(Self { fd })
+        Ok(Self {
+            fd,
+            dirty_log: false,
+        })
     }
 
-    /// Gives KVM the guest memory, one slot per region.
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    /// Gives KVM the guest memory, one slot per region; with `dirty_log`, KVM records the
+    /// pages the guest writes (for diff snapshots) at the cost of a fault on each page's first
+    /// write after each snapshot.
+    pub fn register_memory(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        dirty_log: bool,
+    ) -> Result<(), VmError> {
+        self.dirty_log = dirty_log;
         for (slot, region) in mem.iter().enumerate() {
             let start = region.start_addr().raw_value();
             let host = region
@@ -62,7 +89,11 @@ impl Vm {
                 guest_phys_addr: start,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
-                flags: 0,
+                flags: if dirty_log {
+                    KVM_MEM_LOG_DIRTY_PAGES
+                } else {
+                    0
+                },
             };
             // SAFETY: the region is a live mapping of `region.len()` bytes owned by `mem`; the
             // caller keeps `mem` alive for as long as the VM exists (the VMM holds both).
@@ -89,6 +120,65 @@ impl Vm {
         self.fd
             .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
             .map_err(kvm("register an ioeventfd"))
+    }
+
+    /// Whether KVM logs dirty pages.
+    pub fn logs_dirty_pages(&self) -> bool {
+        self.dirty_log
+    }
+
+    /// The pages the guest wrote since the last call (or since the memory was registered), one
+    /// bitmap per region, one bit per 4 KiB page; the log starts afresh.
+    pub fn take_dirty_log(&self, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>, VmError> {
+        mem.iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                self.fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(kvm("read the dirty page log"))
+            })
+            .collect()
+    }
+
+    /// Reads the irqchip, the PIT and kvmclock. The vCPUs must be paused.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |chip_id| {
+            let mut chip = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map(|()| chip)
+                .map_err(kvm("read the irqchip"))
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(kvm("read the PIT"))?,
+            clock: self.fd.get_clock().map_err(kvm("read kvmclock"))?,
+        })
+    }
+
+    /// Loads a state saved by [`Vm::save_state`]. kvmclock continues from the saved value:
+    /// guest monotonic time does not jump over the time the VM spent saved (the agent's restore
+    /// notification sets the wall clock).
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(kvm("restore the irqchip"))?;
+        }
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(kvm("restore the PIT"))?;
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.fd.set_clock(&clock).map_err(kvm("restore kvmclock"))?;
+        Ok(())
     }
 
     /// The KVM VM file descriptor.

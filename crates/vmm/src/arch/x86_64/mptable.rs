@@ -2,7 +2,9 @@
 //! (one processor entry each), the IO-APIC and the routing of ISA IRQs 0-23 to its pins.
 //! It sits at the top of base memory (639 KiB), where Linux looks for it.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::vstate::memory::GuestMemoryMmap;
 
 use super::layout;
 

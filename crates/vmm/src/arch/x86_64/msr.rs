@@ -29,6 +29,9 @@ pub enum MsrError {
     /// KVM refused the ioctl.
     #[error("cannot set the boot MSRs")]
     Kvm(#[source] kvm_ioctls::Error),
+    /// KVM refused to restore one saved MSR.
+    #[error("KVM refused to restore MSR {index:#x}")]
+    Refused { index: u32 },
     /// KVM set only some of them.
     #[error("KVM set {set} of {wanted} boot MSRs")]
     Partial { set: usize, wanted: usize },
@@ -68,6 +71,52 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), MsrError> {
             set,
             wanted: entries.len(),
         });
+    }
+    Ok(())
+}
+
+/// Reads every MSR in `indices` that KVM can read on `vcpu`, for a snapshot. KVM stops at the
+/// first MSR it cannot read; that one is skipped (some listed MSRs depend on CPU features the
+/// guest does not have) and the rest are read on.
+pub fn save_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, MsrError> {
+    let mut saved = Vec::with_capacity(indices.len());
+    let mut rest = indices;
+    while !rest.is_empty() {
+        let entries: Vec<kvm_msr_entry> = rest
+            .iter()
+            .take(kvm_bindings::KVM_MAX_MSR_ENTRIES)
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| MsrError::Build)?;
+        let read = vcpu
+            .get_msrs(&mut msrs)
+            .map_err(MsrError::Kvm)?
+            .min(entries.len());
+        saved.extend_from_slice(&msrs.as_slice()[..read]);
+        // Past a refused MSR, skip it.
+        let next = if read == entries.len() {
+            read
+        } else {
+            read + 1
+        };
+        rest = rest.get(next..).unwrap_or_default();
+    }
+    Ok(saved)
+}
+
+/// Writes MSRs saved by [`save_msrs`] back.
+pub fn restore_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), MsrError> {
+    for chunk in entries.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
+        let msrs = Msrs::from_entries(chunk).map_err(|_| MsrError::Build)?;
+        let set = vcpu.set_msrs(&msrs).map_err(MsrError::Kvm)?;
+        if set != chunk.len() {
+            return Err(MsrError::Refused {
+                index: chunk[set].index,
+            });
+        }
     }
     Ok(())
 }

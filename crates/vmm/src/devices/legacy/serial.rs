@@ -28,11 +28,63 @@ impl std::fmt::Debug for SerialDevice {
     }
 }
 
+/// The UART's registers and receive FIFO, as a snapshot records them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialDevice {
     /// A UART raising its interrupt through `irq` and writing to `out`.
     pub fn new(irq: EventFdTrigger, out: ConsoleOut) -> Self {
         Self {
             inner: Serial::new(irq, out),
+        }
+    }
+
+    /// A UART whose registers come from a snapshot; None if the state is impossible (a
+    /// receive FIFO over its size).
+    pub fn restore(irq: EventFdTrigger, out: ConsoleOut, state: &SerialState) -> Option<Self> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        Serial::from_state(&state, irq, NoEvents, out)
+            .ok()
+            .map(|inner| Self { inner })
+    }
+
+    /// The UART's registers.
+    pub fn state(&self) -> SerialState {
+        let s = self.inner.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 }

@@ -26,7 +26,8 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    features, ActivateContext, ActivateError, GuestMemoryMmap, IrqKind, IrqTrigger, VirtioDevice,
+    features, ActivateContext, ActivateError, GuestMemoryMmap, IrqKind, IrqTrigger, QueuePosition,
+    VirtioDevice,
 };
 use crate::devices::bus::BusDevice;
 
@@ -152,6 +153,31 @@ pub enum MmioError {
     /// The device refused to start.
     #[error("device activation failed")]
     Activate(#[source] ActivateError),
+    /// The device could not stop for a snapshot.
+    #[error("the device cannot stop for a snapshot")]
+    Quiesce(#[source] ActivateError),
+    /// A saved transport state does not fit this device.
+    #[error("the saved state does not fit the device: {0}")]
+    State(String),
+}
+
+/// The transport's registers and each queue's configuration and position, as a snapshot
+/// records them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    acked_unknown_page: bool,
+    queue_sel: u32,
+    status: u32,
+    config_generation: u32,
+    activated: bool,
+    interrupt_status: u32,
+    queues: Vec<QueueConfig>,
+    /// Where the device left each active queue.
+    positions: Vec<QueuePosition>,
 }
 
 /// A guest-triggerable log line passes at most once per interval; the rest are counted.
@@ -205,7 +231,7 @@ pub(crate) fn error_chain(error: &dyn StdError) -> String {
 
 /// A queue as the driver configures it through the registers; turned into a
 /// [`virtio_queue::Queue`] on activation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct QueueConfig {
     max_size: u16,
     size: u32,
@@ -287,6 +313,10 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// Where the device left its queues when it was quiesced for a snapshot.
+    positions: Vec<QueuePosition>,
+    /// The device is stopped for a snapshot.
+    quiesced: bool,
     log: LogLimiter,
 }
 
@@ -337,8 +367,117 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            positions: Vec::new(),
+            quiesced: false,
             log: LogLimiter::new(GUEST_LOG_INTERVAL),
         })
+    }
+
+    /// Stops the device between two requests (the vCPUs are paused) and returns the state a
+    /// snapshot records. [`MmioTransport::resume_after_snapshot`] starts it again.
+    pub fn quiesce(&mut self) -> Result<TransportState, MmioError> {
+        if self.activated && !self.quiesced {
+            self.positions = self.device.quiesce().map_err(MmioError::Quiesce)?;
+            self.quiesced = true;
+        }
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            acked_unknown_page: self.acked_unknown_page,
+            queue_sel: self.queue_sel,
+            status: self.status,
+            config_generation: self.config_generation,
+            activated: self.activated,
+            interrupt_status: self.irq.status(),
+            queues: self.queues.clone(),
+            positions: self.positions.clone(),
+        })
+    }
+
+    /// Serves the queues again after [`MmioTransport::quiesce`], from where they stood.
+    pub fn resume_after_snapshot(&mut self) {
+        if !std::mem::take(&mut self.quiesced) || !self.activated {
+            return;
+        }
+        if let Err(e) = self.activate_at_positions() {
+            self.activated = false;
+            self.set_needs_reset(&e);
+        }
+    }
+
+    /// Puts `device` behind a window whose registers and queues come from a snapshot, and
+    /// activates it if the driver had.
+    pub fn restore(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        state: &TransportState,
+    ) -> Result<Self, MmioError> {
+        let mut transport = Self::new(device, mem)?;
+        let found = transport.device.device_type();
+        if state.device_type != found {
+            return Err(MmioError::State(format!(
+                "the snapshot has device type {}, the configuration gives type {found}",
+                state.device_type
+            )));
+        }
+        if state.queues.len() != transport.queues.len()
+            || state
+                .queues
+                .iter()
+                .zip(&transport.queues)
+                .any(|(saved, own)| saved.max_size != own.max_size)
+        {
+            return Err(MmioError::State("the queues differ".to_owned()));
+        }
+        transport.device_features_sel = state.device_features_sel;
+        transport.driver_features_sel = state.driver_features_sel;
+        transport.acked_features = state.acked_features;
+        transport.acked_unknown_page = state.acked_unknown_page;
+        transport.queue_sel = state.queue_sel;
+        transport.status = state.status;
+        transport.config_generation = state.config_generation;
+        transport.queues = state.queues.clone();
+        transport.positions = state.positions.clone();
+        if state.acked_features != 0 {
+            transport.device.set_acked_features(state.acked_features);
+        }
+        transport
+            .irq
+            .status
+            .store(state.interrupt_status, std::sync::atomic::Ordering::SeqCst);
+        if state.activated {
+            transport.activate_at_positions()?;
+            transport.activated = true;
+        }
+        Ok(transport)
+    }
+
+    /// Activates the device with its queues starting at the recorded positions.
+    fn activate_at_positions(&mut self) -> Result<(), MmioError> {
+        let mut ctx = self.activation_context()?;
+        if ctx.queues.len() != self.positions.len() {
+            return Err(MmioError::State(format!(
+                "{} queues are ready, {} positions were saved",
+                ctx.queues.len(),
+                self.positions.len()
+            )));
+        }
+        for (queue, position) in ctx.queues.iter_mut().zip(&self.positions) {
+            queue.set_next_avail(position.next_avail);
+            queue.set_next_used(position.next_used);
+        }
+        self.device
+            .activate_restored(ctx)
+            .map_err(MmioError::Activate)?;
+        // Buffers the driver made available while the device was stopped.
+        for evt in &self.queue_evts {
+            if let Err(e) = evt.write(1) {
+                error!("virtio-mmio: cannot kick a queue after a restore: {e}");
+            }
+        }
+        Ok(())
     }
 
     /// The device's interrupt line; register `irq().eventfd()` as KVM's irqfd for the GSI the
@@ -965,6 +1104,10 @@ mod tests {
         resets: usize,
         fail_activation: bool,
         config_writes: Vec<(u64, Vec<u8>)>,
+        /// What `quiesce` reports.
+        positions: Vec<QueuePosition>,
+        /// The first queue's next_avail at each activation.
+        started_at: Vec<u16>,
     }
 
     struct FakeDevice {
@@ -1005,11 +1148,16 @@ mod tests {
             state
                 .activations
                 .push((ctx.queues.len(), ctx.queue_evts.len(), event_idx));
+            let first = ctx.queues.first().map_or(0, |q| q.next_avail());
+            state.started_at.push(first);
             Ok(())
         }
         fn reset(&mut self) -> bool {
             self.state.lock().expect("state").resets += 1;
             true
+        }
+        fn quiesce(&mut self) -> Result<Vec<QueuePosition>, ActivateError> {
+            Ok(self.state.lock().expect("state").positions.clone())
         }
     }
 
@@ -1300,6 +1448,74 @@ mod tests {
 
         assert_eq!(t.status(), ALL_OK | status::DEVICE_NEEDS_RESET);
         assert!(!t.is_activated());
+    }
+
+    fn active_transport() -> (MmioTransport, Arc<Mutex<FakeState>>, GuestMemoryMmap) {
+        let (mut t, state, mem) = transport(&[16]);
+        negotiate(&mut t, features::VERSION_1);
+        TestQueue::new(&mem, 16).configure(&mut t, 0);
+        set_driver_ok(&mut t);
+        state.lock().expect("state").positions = vec![QueuePosition {
+            next_avail: 7,
+            next_used: 7,
+        }];
+        (t, state, mem)
+    }
+
+    #[test]
+    fn test_mmio_quiesce_then_resume_restarts_device_at_its_position() {
+        let (mut t, state, _) = active_transport();
+
+        let saved = t.quiesce().expect("quiesce");
+        t.resume_after_snapshot();
+
+        assert!(saved.activated);
+        assert_eq!(state.lock().expect("state").started_at, vec![0, 7]);
+    }
+
+    #[test]
+    fn test_mmio_resume_without_quiesce_does_not_activate_twice() {
+        let (mut t, state, _) = active_transport();
+
+        t.resume_after_snapshot();
+
+        assert_eq!(state.lock().expect("state").activations.len(), 1);
+    }
+
+    #[test]
+    fn test_mmio_restore_from_state_activates_with_saved_registers() {
+        let (mut t, _, mem) = active_transport();
+        let saved = t.quiesce().expect("quiesce");
+        let state = Arc::new(Mutex::new(FakeState {
+            positions: saved.positions.clone(),
+            ..FakeState::default()
+        }));
+        let device = FakeDevice {
+            state: Arc::clone(&state),
+            max_sizes: vec![16],
+        };
+
+        let mut restored = MmioTransport::restore(Box::new(device), mem, &saved).expect("restore");
+
+        assert!(restored.is_activated());
+        assert_eq!(read_reg(&mut restored, reg::STATUS), t.status());
+        assert_eq!(state.lock().expect("state").started_at, vec![7]);
+        assert_eq!(restored.quiesce().expect("quiesce again"), saved);
+    }
+
+    #[test]
+    fn test_mmio_restore_into_other_device_type_is_rejected() {
+        let (mut t, _, mem) = active_transport();
+        let mut saved = t.quiesce().expect("quiesce");
+        saved.device_type = 99;
+        let device = FakeDevice {
+            state: Arc::default(),
+            max_sizes: vec![16],
+        };
+
+        let result = MmioTransport::restore(Box::new(device), mem, &saved);
+
+        assert!(matches!(result, Err(MmioError::State(_))));
     }
 
     #[test]

@@ -19,8 +19,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-/// Guest memory as the devices see it.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+pub use crate::vstate::memory::GuestMemoryMmap;
 
 /// Device type IDs (virtio 1.2, section 5).
 pub mod device_type {
@@ -119,6 +118,14 @@ pub enum ActivateError {
     Backend(String),
 }
 
+/// Where a device left a queue: the transport records it in snapshots and starts the queue
+/// there again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueuePosition {
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
 /// A virtio device behind the MMIO transport. Implementations never panic on guest input.
 pub trait VirtioDevice: Send {
     /// The virtio device type ([`device_type`]).
@@ -138,6 +145,16 @@ pub trait VirtioDevice: Send {
     /// Stops serving the queues (the driver wrote 0 to Status); the device may be activated
     /// again afterwards. Returns false if the device cannot be reset.
     fn reset(&mut self) -> bool;
+    /// Stops serving the queues for a snapshot, between two requests, and returns where each
+    /// active queue stands (empty if the device is not active). Pending writes are made
+    /// durable. The transport later activates the device again, from a snapshot or in the same
+    /// VM, with queues that start at these positions ([`VirtioDevice::activate_restored`]).
+    fn quiesce(&mut self) -> Result<Vec<QueuePosition>, ActivateError>;
+    /// Activates a device whose driver state comes from a snapshot (or that was quiesced for
+    /// one). Devices whose host side cannot survive a snapshot tell the driver here.
+    fn activate_restored(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.activate(ctx)
+    }
 }
 
 #[cfg(test)]

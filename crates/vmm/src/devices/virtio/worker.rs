@@ -16,7 +16,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::{error_chain, LogLimiter, GUEST_LOG_INTERVAL};
-use super::{ActivateContext, ActivateError, GuestMemoryMmap, IrqKind, IrqTrigger};
+use super::{ActivateContext, ActivateError, GuestMemoryMmap, IrqKind, IrqTrigger, QueuePosition};
 
 const QUEUE_TOKEN: u64 = 0;
 const STOP_TOKEN: u64 = 1;
@@ -66,29 +66,38 @@ impl GuestLog {
     }
 }
 
-/// A running worker thread.
+/// A running worker thread; it ends with its queue's position.
 #[derive(Debug)]
 pub(super) struct WorkerHandle {
     device: &'static str,
     stop_evt: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<QueuePosition>>,
 }
 
 impl WorkerHandle {
     /// Stops the thread and waits for it; false if it could not be told to stop.
     pub(super) fn shutdown(&mut self) -> bool {
+        self.stop().is_ok()
+    }
+
+    /// Stops the thread and waits for it; returns where it left its queue (None if the
+    /// thread panicked or had already been stopped).
+    fn stop(&mut self) -> Result<Option<QueuePosition>, ()> {
         let Some(thread) = self.thread.take() else {
-            return true;
+            return Ok(None);
         };
         if let Err(e) = self.stop_evt.write(1) {
             error!("virtio-{}: cannot stop the worker: {e}", self.device);
             self.thread = Some(thread);
-            return false;
+            return Err(());
         }
-        if thread.join().is_err() {
-            error!("virtio-{}: the worker panicked", self.device);
+        match thread.join() {
+            Ok(position) => Ok(Some(position)),
+            Err(_) => {
+                error!("virtio-{}: the worker panicked", self.device);
+                Ok(None)
+            }
         }
-        true
     }
 }
 
@@ -112,6 +121,20 @@ impl WorkerSlot {
         }
         self.0 = None;
         true
+    }
+
+    /// Stops the worker for a snapshot and returns its queue's position, which the transport
+    /// records; a later activation carries on from there.
+    pub(super) fn quiesce(&mut self) -> Result<Vec<QueuePosition>, ActivateError> {
+        let Some(worker) = &mut self.0 else {
+            return Ok(Vec::new());
+        };
+        let position = worker
+            .stop()
+            .map_err(|()| ActivateError::Backend("the worker cannot be stopped".into()))?
+            .ok_or_else(|| ActivateError::Backend("the worker had failed".into()))?;
+        self.0 = None;
+        Ok(vec![position])
     }
 
     /// Stops the previous worker, if any, and starts `worker` in its place.
@@ -206,7 +229,14 @@ impl<H: ChainHandler> QueueWorker<H> {
         })
     }
 
-    fn run(mut self, epoll: &Epoll) {
+    fn position(&self) -> QueuePosition {
+        QueuePosition {
+            next_avail: self.queue.next_avail(),
+            next_used: self.queue.next_used(),
+        }
+    }
+
+    fn run(mut self, epoll: &Epoll) -> QueuePosition {
         let mut events = [EpollEvent::default(); 2];
         loop {
             let count = match epoll.wait(-1, &mut events) {
@@ -214,12 +244,12 @@ impl<H: ChainHandler> QueueWorker<H> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     error!("virtio-{}: the worker cannot wait for events: {e}", H::NAME);
-                    return;
+                    return self.position();
                 }
             };
             for event in events.iter().take(count) {
                 match event.data() {
-                    STOP_TOKEN => return,
+                    STOP_TOKEN => return self.position(),
                     QUEUE_TOKEN => {
                         // EAGAIN means another wake-up already consumed the count.
                         let _ = self.queue_evt.read();

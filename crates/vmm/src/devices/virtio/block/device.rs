@@ -14,8 +14,11 @@ use virtio_bindings::virtio_blk::{
 use super::disk::{Disk, DiskError};
 use super::event_handler::BlockHandler;
 use super::{QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX};
+use crate::devices::virtio::mmio::error_chain;
 use crate::devices::virtio::worker::{QueueWorker, WorkerSlot};
-use crate::devices::virtio::{device_type, features, ActivateContext, ActivateError, VirtioDevice};
+use crate::devices::virtio::{
+    device_type, features, ActivateContext, ActivateError, QueuePosition, VirtioDevice,
+};
 
 /// Length of the configuration space the device exposes: capacity, size_max, seg_max,
 /// geometry (zero) and blk_size (virtio 1.2, section 5.2.4).
@@ -31,6 +34,9 @@ pub struct BlockConfig {
     /// The serial GET_ID returns, at most 20 bytes.
     #[serde(default)]
     pub id: Option<String>,
+    /// A copy-on-write overlay over `path`, which is then never written.
+    #[serde(default)]
+    pub overlay: Option<PathBuf>,
 }
 
 /// Why a block device could not be created.
@@ -54,8 +60,11 @@ pub struct Block {
 impl Block {
     /// Opens the disk of `config`.
     pub fn new(config: &BlockConfig) -> Result<Self, BlockError> {
-        let disk = Disk::open(&config.path, config.read_only, config.id.as_deref())
-            .map_err(BlockError::Disk)?;
+        let disk = match &config.overlay {
+            Some(overlay) => Disk::open_overlay(&config.path, overlay, config.id.as_deref()),
+            None => Disk::open(&config.path, config.read_only, config.id.as_deref()),
+        }
+        .map_err(BlockError::Disk)?;
         let mut avail_features = features::VERSION_1
             | features::RING_EVENT_IDX
             | 1 << VIRTIO_BLK_F_SIZE_MAX
@@ -130,6 +139,14 @@ impl VirtioDevice for Block {
     fn reset(&mut self) -> bool {
         self.worker.stop()
     }
+
+    fn quiesce(&mut self) -> Result<Vec<QueuePosition>, ActivateError> {
+        let positions = self.worker.quiesce()?;
+        self.disk
+            .flush()
+            .map_err(|e| ActivateError::Backend(error_chain(&e)))?;
+        Ok(positions)
+    }
 }
 
 #[cfg(test)]
@@ -153,6 +170,7 @@ mod tests {
             path: image.path().to_owned(),
             read_only,
             id: None,
+            overlay: None,
         }
     }
 

@@ -1,5 +1,6 @@
 //! The disk image behind a virtio-blk device: a raw file (or host block device) opened
-//! read-only or read-write, and positional I/O (`pread`/`pwrite`) straight between the file and
+//! read-only or read-write, or a read-only base with a copy-on-write overlay (`overlay`), and
+//! positional I/O (`pread`/`pwrite`) straight between the file and
 //! guest memory, so the worker never seeks and never copies through a buffer.
 
 use std::fs::{File, OpenOptions};
@@ -10,10 +11,11 @@ use std::path::{Path, PathBuf};
 use log::warn;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryError, ReadVolatile, VolatileMemoryError, VolatileSlice,
-    WriteVolatile,
+    Address, Bytes, GuestAddress, GuestMemoryError, ReadVolatile, VolatileMemoryError,
+    VolatileSlice, WriteVolatile,
 };
 
+use super::overlay::Overlay;
 use super::{ID_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::GuestMemoryMmap;
 
@@ -59,12 +61,38 @@ pub enum DiskError {
     /// fdatasync failed.
     #[error("cannot flush the disk image")]
     Flush(#[source] io::Error),
+    /// A copy-on-write overlay is not valid for its base.
+    #[error("the overlay {} is unusable: {message}", path.display())]
+    Overlay {
+        /// The overlay's data or map file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Copying a cluster from the base into the overlay failed.
+    #[error("cannot copy the cluster at byte {offset} up into the overlay")]
+    CopyUp {
+        /// The cluster's offset.
+        offset: u64,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where a disk's bytes live.
+#[derive(Debug)]
+enum Backing {
+    /// A raw image.
+    Raw(File),
+    /// A read-only base with a copy-on-write overlay.
+    Overlay(Overlay),
 }
 
 /// An open disk image.
 #[derive(Debug)]
 pub struct Disk {
-    file: File,
+    backing: Backing,
     read_only: bool,
     sectors: u64,
     id: Option<[u8; ID_BYTES]>,
@@ -99,8 +127,30 @@ impl Disk {
             );
         }
         Ok(Self {
-            file,
+            backing: Backing::Raw(file),
             read_only,
+            sectors: len / SECTOR_SIZE,
+            id,
+        })
+    }
+
+    /// Opens the read-only image `base` with the copy-on-write overlay `overlay` (created if
+    /// it does not exist; see [`super::overlay`]); the guest may write.
+    pub fn open_overlay(base: &Path, overlay: &Path, id: Option<&str>) -> Result<Self, DiskError> {
+        let id = id.map(pad_id).transpose()?;
+        let overlay = Overlay::open(base, overlay)?;
+        let len = overlay.size();
+        if len % SECTOR_SIZE != 0 {
+            warn!(
+                "disk image {} is {len} bytes, not a whole number of sectors; \
+                 the guest will not see the last {} bytes",
+                base.display(),
+                len % SECTOR_SIZE
+            );
+        }
+        Ok(Self {
+            backing: Backing::Overlay(overlay),
+            read_only: false,
             sectors: len / SECTOR_SIZE,
             id,
         })
@@ -129,12 +179,31 @@ impl Disk {
         len: usize,
         offset: u64,
     ) -> Result<(), DiskError> {
-        let mut cursor = FileCursor {
-            file: &self.file,
-            offset,
+        let overlay = match &self.backing {
+            Backing::Raw(file) => {
+                let mut cursor = FileCursor { file, offset };
+                return mem
+                    .read_exact_volatile_from(addr, &mut cursor, len)
+                    .map_err(|source| DiskError::Io { offset, source });
+            }
+            Backing::Overlay(overlay) => overlay,
         };
-        mem.read_exact_volatile_from(addr, &mut cursor, len)
-            .map_err(|source| DiskError::Io { offset, source })
+        for (start, n, from_overlay) in overlay.read_segments(offset, len as u64) {
+            let mut cursor = FileCursor {
+                file: overlay.file(from_overlay),
+                offset: start,
+            };
+            let at = addr.checked_add(start - offset).ok_or(DiskError::Io {
+                offset: start,
+                source: GuestMemoryError::InvalidGuestAddress(addr),
+            })?;
+            mem.read_exact_volatile_from(at, &mut cursor, n as usize)
+                .map_err(|source| DiskError::Io {
+                    offset: start,
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// Writes `len` bytes of guest memory at `addr` to image `offset`.
@@ -148,12 +217,20 @@ impl Disk {
         if self.read_only {
             return Err(DiskError::ReadOnly);
         }
-        let mut cursor = FileCursor {
-            file: &self.file,
-            offset,
+        let file = match &self.backing {
+            Backing::Raw(file) => file,
+            Backing::Overlay(overlay) => {
+                overlay.prepare_write(offset, len as u64)?;
+                overlay.file(true)
+            }
         };
+        let mut cursor = FileCursor { file, offset };
         mem.write_all_volatile_to(addr, &mut cursor, len)
-            .map_err(|source| DiskError::Io { offset, source })
+            .map_err(|source| DiskError::Io { offset, source })?;
+        if let Backing::Overlay(overlay) = &self.backing {
+            overlay.mark_written(offset, len as u64);
+        }
+        Ok(())
     }
 
     /// Makes written data durable (fdatasync). A read-only disk has nothing to flush.
@@ -161,7 +238,10 @@ impl Disk {
         if self.read_only {
             return Ok(());
         }
-        self.file.sync_data().map_err(DiskError::Flush)
+        match &self.backing {
+            Backing::Raw(file) => file.sync_data().map_err(DiskError::Flush),
+            Backing::Overlay(overlay) => overlay.flush().map_err(DiskError::Flush),
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! virtio-blk (virtio 1.2, section 5.2) over a raw disk image.
 //!
 //! - `disk`: the image file and positional I/O straight between it and guest memory.
+//! - `overlay`: the copy-on-write overlay a disk can have over a read-only base image.
 //! - `request`: the pure request logic; it parses a descriptor chain into a [`Request`],
 //!   validating every descriptor, and executes it against a [`Disk`].
 //! - `device`: [`Block`], the [`VirtioDevice`](super::VirtioDevice) with its features and
@@ -10,6 +11,7 @@
 mod device;
 mod disk;
 mod event_handler;
+pub mod overlay;
 pub mod request;
 #[cfg(test)]
 mod test_utils;

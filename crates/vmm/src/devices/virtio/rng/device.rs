@@ -4,7 +4,9 @@
 use super::event_handler::RngHandler;
 use super::QUEUE_SIZE;
 use crate::devices::virtio::worker::{QueueWorker, WorkerSlot};
-use crate::devices::virtio::{device_type, features, ActivateContext, ActivateError, VirtioDevice};
+use crate::devices::virtio::{
+    device_type, features, ActivateContext, ActivateError, QueuePosition, VirtioDevice,
+};
 
 /// A virtio-rng device with one request queue.
 #[derive(Debug, Default)]
@@ -50,6 +52,10 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) -> bool {
         self.worker.stop()
+    }
+
+    fn quiesce(&mut self) -> Result<Vec<QueuePosition>, ActivateError> {
+        self.worker.quiesce()
     }
 }
 

@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::super::{
     device_type, features, ActivateContext, ActivateError, GuestMemoryMmap, IrqKind, IrqTrigger,
-    VirtioDevice,
+    QueuePosition, VirtioDevice,
 };
 use super::muxer::Muxer;
 use super::packet::{read_tx_packet, write_event, Chain, RxBuffer, EVENT_TRANSPORT_RESET};
@@ -120,6 +120,34 @@ impl Vsock {
         }
     }
 
+    /// Starts the worker on `ctx`; with `transport_reset`, its first event tells the driver
+    /// that every connection is gone.
+    fn start(&mut self, ctx: ActivateContext, transport_reset: bool) -> Result<(), ActivateError> {
+        if self.worker.is_some() {
+            return Err(ActivateError::Backend(
+                "the device is already active".to_owned(),
+            ));
+        }
+        for found in [ctx.queues.len(), ctx.queue_evts.len()] {
+            if found != NUM_QUEUES {
+                return Err(ActivateError::QueueCount {
+                    expected: NUM_QUEUES,
+                    found,
+                });
+            }
+        }
+        let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let muxer = self.muxer.take().ok_or_else(|| {
+            ActivateError::Backend("the backend was lost when the worker panicked".to_owned())
+        })?;
+        let mut worker = Worker::new(ctx, muxer, stop_evt);
+        worker.transport_reset_pending = transport_reset;
+        self.start_worker(worker).map_err(|e| match e {
+            VsockError::Worker(e) => ActivateError::Worker(e),
+            other => ActivateError::Backend(other.to_string()),
+        })
+    }
+
     /// Stops and joins the worker; returns it, detached from the epoll instance.
     fn stop_worker(&mut self) -> Result<Option<Worker>, VsockError> {
         let Some(handle) = self.worker.take() else {
@@ -215,28 +243,34 @@ impl VirtioDevice for Vsock {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if self.worker.is_some() {
-            return Err(ActivateError::Backend(
-                "the device is already active".to_owned(),
-            ));
-        }
-        for found in [ctx.queues.len(), ctx.queue_evts.len()] {
-            if found != NUM_QUEUES {
-                return Err(ActivateError::QueueCount {
-                    expected: NUM_QUEUES,
-                    found,
-                });
-            }
-        }
-        let stop_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let muxer = self.muxer.take().ok_or_else(|| {
-            ActivateError::Backend("the backend was lost when the worker panicked".to_owned())
-        })?;
-        self.start_worker(Worker::new(ctx, muxer, stop_evt))
-            .map_err(|e| match e {
-                VsockError::Worker(e) => ActivateError::Worker(e),
-                other => ActivateError::Backend(other.to_string()),
+        self.start(ctx, false)
+    }
+
+    /// After a snapshot the host side of every connection is gone: the driver gets a
+    /// TRANSPORT_RESET event and drops its connections; listeners survive on both sides.
+    fn activate_restored(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.start(ctx, true)
+    }
+
+    fn quiesce(&mut self) -> Result<Vec<QueuePosition>, ActivateError> {
+        let worker = self
+            .stop_worker()
+            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        let Some(worker) = worker else {
+            return Ok(Vec::new());
+        };
+        let positions = worker
+            .queues
+            .iter()
+            .map(|q| QueuePosition {
+                next_avail: q.next_avail(),
+                next_used: q.next_used(),
             })
+            .collect();
+        let mut muxer = worker.into_muxer();
+        muxer.reset_connections(false);
+        self.muxer = Some(muxer);
+        Ok(positions)
     }
 
     fn reset(&mut self) -> bool {

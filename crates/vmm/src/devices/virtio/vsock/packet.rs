@@ -9,6 +9,9 @@ use std::io::{self, Read, Write};
 use virtio_queue::{DescriptorChain, Writer};
 
 use super::super::GuestMemoryMmap;
+
+/// The dirty-bitmap slice guest memory hands out for a descriptor chain.
+type BitmapSliceOf<'a> = vm_memory::bitmap::MS<'a, GuestMemoryMmap>;
 use super::MAX_PKT_PAYLOAD;
 
 /// The size of `struct virtio_vsock_hdr`.
@@ -213,7 +216,7 @@ pub fn read_tx_packet(
 
 /// A guest rx buffer, checked to hold at least a header.
 pub struct RxBuffer<'a> {
-    writer: Writer<'a>,
+    writer: Writer<'a, BitmapSliceOf<'a>>,
 }
 
 impl std::fmt::Debug for RxBuffer<'_> {

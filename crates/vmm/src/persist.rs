@@ -1,0 +1,564 @@
+//! Snapshots of a whole microVM and restores from them.
+//!
+//! [`create_snapshot`] writes a snapshot directory from a paused VM; [`restore`] builds a fresh
+//! VM from one. A snapshot directory holds:
+//!
+//! - `vmstate`: the [`MicrovmState`] in the container of [`crate::snapshot`];
+//! - `memory`: for a full snapshot, the whole guest memory (a sparse file); for a diff
+//!   snapshot, only the pages that differ from the full memory file it names (same layout);
+//! - `drive-<id>`: the frozen state of each writable drive: a copy-on-write overlay over the
+//!   drive's base image, or a sparse copy of a raw image.
+//!
+//! Restoring maps the memory file MAP_PRIVATE (lazy, shared page cache) and the diff over it,
+//! gives every writable drive a private overlay copied from the frozen one, and tells the
+//! guest's vsock driver that its connections are gone. The format is in `docs/SNAPSHOTS.md`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::Kvm;
+use serde::{Deserialize, Serialize};
+
+use crate::builder::{self, error_chain, BuildError, Legacy, MemoryBase, MicroVm};
+use crate::config::{DriveConfig, SerialConfig, VmConfig};
+use crate::device_manager::MmioDeviceManager;
+use crate::devices::legacy::serial::SerialState;
+use crate::devices::virtio::block::overlay;
+use crate::devices::virtio::mmio::TransportState;
+use crate::fsutil;
+use crate::snapshot::{self, SnapshotError};
+use crate::vstate::memory::{self, PageRuns};
+use crate::vstate::vcpu::{Vcpu, VcpuShared, VcpuState, VcpuThreads};
+use crate::vstate::vm::{Vm, VmState};
+
+/// The state file's name in a snapshot directory.
+pub const STATE_FILE: &str = "vmstate";
+/// The memory (or diff) file's name in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+
+/// Why a snapshot could not be taken or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    /// The request is wrong; `field` names the part at fault.
+    #[error("{field}: {message}")]
+    Request { field: String, message: String },
+    /// The state file could not be written or read.
+    #[error(transparent)]
+    State(#[from] SnapshotError),
+    /// Something else failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn failed(what: &str, e: &dyn std::error::Error) -> PersistError {
+    PersistError::Failed(format!("{what}: {}", error_chain(e)))
+}
+
+fn request(field: impl Into<String>, message: impl Into<String>) -> PersistError {
+    PersistError::Request {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Everything a snapshot records besides memory and disks.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MicrovmState {
+    /// The configuration the VM ran with.
+    pub config: VmConfig,
+    pub memory: MemoryState,
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub serial: Option<SerialState>,
+    /// One per virtio device, in attachment order.
+    pub devices: Vec<TransportState>,
+    /// One per drive, in configuration order.
+    pub drives: Vec<DriveState>,
+}
+
+/// Where the guest memory of a snapshot is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemoryState {
+    pub mib: u64,
+    /// The full memory file: `memory` in the snapshot directory, or for a diff snapshot the
+    /// absolute path of the full snapshot's.
+    pub base: PathBuf,
+    /// For a diff snapshot: the page runs the snapshot's `memory` file holds.
+    pub diff: Option<PageRuns>,
+}
+
+/// A drive as a snapshot records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DriveState {
+    pub id: String,
+    /// The read-only base image (absolute; for a raw writable drive, its frozen copy in the
+    /// snapshot directory, relative).
+    pub base: PathBuf,
+    /// The frozen copy-on-write layer in the snapshot directory, if the drive had one.
+    pub layer: Option<PathBuf>,
+    pub read_only: bool,
+}
+
+/// Full or diff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotKind {
+    /// All of guest memory.
+    Full,
+    /// Only the pages written since the last snapshot or restore.
+    Diff,
+}
+
+/// What a snapshot took, for the caller to report.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotReport {
+    pub kind: SnapshotKind,
+    pub memory_bytes: u64,
+    pub devices_ms: f64,
+    pub memory_ms: f64,
+    pub disks_ms: f64,
+    pub total_ms: f64,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, PersistError> {
+    std::path::absolute(path).map_err(|e| failed("cannot resolve a path", &e))
+}
+
+/// Writes a snapshot of `vm`, whose vCPUs must be paused, into the directory `dir` (created;
+/// it must be empty or new). The devices are stopped while it is taken; the caller restarts
+/// them with `vm.devices.resume_after_snapshot()` if the VM goes on.
+pub fn create_snapshot(
+    vm: &mut MicroVm,
+    dir: &Path,
+    kind: SnapshotKind,
+) -> Result<SnapshotReport, PersistError> {
+    let start = Instant::now();
+    prepare_dir(dir)?;
+    let dir = absolute(dir)?;
+    let threads = vm
+        .vcpus
+        .as_ref()
+        .ok_or_else(|| PersistError::Failed("the VM has no vCPUs".into()))?;
+
+    let devices = vm
+        .devices
+        .quiesce()
+        .map_err(|e| failed("cannot stop the devices", &e))?;
+    let msr_indices = vm
+        .kvm
+        .get_msr_index_list()
+        .map_err(|e| failed("cannot list the MSRs", &e))?
+        .as_slice()
+        .to_vec();
+    let vcpus = threads
+        .save_states(msr_indices)
+        .map_err(|e| failed("cannot save the vCPUs", &e))?;
+    let vm_state = vm
+        .vm
+        .save_state()
+        .map_err(|e| failed("cannot save the VM", &e))?;
+    let serial = vm
+        .serial
+        .as_ref()
+        .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).state());
+    let devices_done = start.elapsed();
+
+    let memory_path = dir.join(MEMORY_FILE);
+    let (memory_state, memory_bytes) = save_memory(vm, kind, &memory_path)?;
+    let memory_done = start.elapsed();
+
+    let drives = save_drives(&vm.config, &dir)?;
+    let disks_done = start.elapsed();
+
+    let state = MicrovmState {
+        config: vm.config.clone(),
+        memory: memory_state,
+        vm: vm_state,
+        vcpus,
+        serial,
+        devices,
+        drives,
+    };
+    snapshot::write(&dir.join(STATE_FILE), &state)?;
+    Ok(SnapshotReport {
+        kind,
+        memory_bytes,
+        devices_ms: ms(devices_done),
+        memory_ms: ms(memory_done - devices_done),
+        disks_ms: ms(disks_done - memory_done),
+        total_ms: ms(start.elapsed()),
+    })
+}
+
+fn prepare_dir(dir: &Path) -> Result<(), PersistError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| request("path", format!("cannot create {}: {e}", dir.display())))?;
+    let mut entries = std::fs::read_dir(dir)
+        .map_err(|e| request("path", format!("cannot read {}: {e}", dir.display())))?;
+    if entries.next().is_some() {
+        return Err(request(
+            "path",
+            format!(
+                "{} is not empty; a snapshot needs a new directory",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Writes the memory file and moves the VM's memory base forward.
+fn save_memory(
+    vm: &mut MicroVm,
+    kind: SnapshotKind,
+    path: &Path,
+) -> Result<(MemoryState, u64), PersistError> {
+    let mib = vm.memory_mib;
+    let kvm_log = if vm.vm.logs_dirty_pages() {
+        Some(
+            vm.vm
+                .take_dirty_log(&vm.mem)
+                .map_err(|e| failed("cannot read the dirty log", &e))?,
+        )
+    } else {
+        None
+    };
+    let mem_err = |e: memory::MemoryError| failed("cannot write guest memory", &e);
+    match kind {
+        SnapshotKind::Diff => {
+            let (Some(base), Some(kvm_log)) = (vm.memory_base.as_mut(), kvm_log) else {
+                return Err(request(
+                    "kind",
+                    "a diff snapshot needs a full snapshot (or a restore) before it and \
+                     dirty page tracking (machine.track_dirty_pages)",
+                ));
+            };
+            memory::merge_dirty(&vm.mem, &mut base.differing, &kvm_log);
+            let runs = memory::write_diff(&vm.mem, &base.differing, path, true).map_err(mem_err)?;
+            let bytes = runs.iter().map(|(_, n)| n * memory::PAGE_SIZE).sum();
+            Ok((
+                MemoryState {
+                    mib,
+                    base: base.path.clone(),
+                    diff: Some(runs),
+                },
+                bytes,
+            ))
+        }
+        SnapshotKind::Full => {
+            let bytes = match vm.memory_base.as_mut() {
+                // Mapped from a file: the untouched pages are the file's, so start from a copy
+                // of it and write the differing pages over.
+                Some(base) if base.mapped => {
+                    if let Some(kvm_log) = &kvm_log {
+                        memory::merge_dirty(&vm.mem, &mut base.differing, kvm_log);
+                    }
+                    fsutil::copy_sparse(&base.path, path)
+                        .map_err(|e| failed("cannot copy the base memory file", &e))?;
+                    let runs = memory::write_diff(&vm.mem, &base.differing, path, false)
+                        .map_err(mem_err)?;
+                    runs.iter().map(|(_, n)| n * memory::PAGE_SIZE).sum()
+                }
+                _ => memory::write_full(&vm.mem, path).map_err(mem_err)?,
+            };
+            // Pages the VMM wrote before now are in the new file.
+            memory::clear_vmm_dirty(&vm.mem);
+            // A mapped VM stays mapped from the old file; the new file holds exactly what the
+            // mapping shows, so later snapshots compare against it all the same.
+            let mapped = vm.memory_base.as_ref().is_some_and(|b| b.mapped);
+            vm.memory_base = Some(MemoryBase {
+                path: path.to_owned(),
+                differing: memory::empty_bitmap(&vm.mem),
+                mapped,
+            });
+            Ok((
+                MemoryState {
+                    mib,
+                    base: PathBuf::from(MEMORY_FILE),
+                    diff: None,
+                },
+                bytes,
+            ))
+        }
+    }
+}
+
+/// Freezes each writable drive into the snapshot directory.
+fn save_drives(config: &VmConfig, dir: &Path) -> Result<Vec<DriveState>, PersistError> {
+    config
+        .drives
+        .iter()
+        .map(|d| {
+            let base = absolute(&d.path)?;
+            if d.read_only {
+                return Ok(DriveState {
+                    id: d.id.clone(),
+                    base,
+                    layer: None,
+                    read_only: true,
+                });
+            }
+            let name = PathBuf::from(format!("drive-{}", d.id));
+            let frozen = dir.join(&name);
+            match &d.overlay {
+                Some(overlay_path) => {
+                    overlay::copy(overlay_path, &frozen)
+                        .map_err(|e| failed(&format!("cannot freeze drive {}", d.id), &e))?;
+                    Ok(DriveState {
+                        id: d.id.clone(),
+                        base,
+                        layer: Some(name),
+                        read_only: false,
+                    })
+                }
+                None => {
+                    fsutil::copy_sparse(&d.path, &frozen)
+                        .map_err(|e| failed(&format!("cannot freeze drive {}", d.id), &e))?;
+                    Ok(DriveState {
+                        id: d.id.clone(),
+                        base: name,
+                        layer: None,
+                        read_only: false,
+                    })
+                }
+            }
+        })
+        .collect()
+}
+
+/// What a restore may change from the snapshot's configuration: each clone needs its own
+/// vsock socket, its own writable disks and its own console.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreOverrides {
+    /// The host socket of the vsock device (required when the snapshot has one and its socket
+    /// path is taken).
+    #[serde(default)]
+    pub vsock_uds_path: Option<PathBuf>,
+    /// Per drive id: the new private overlay of a writable drive (required for each; it must
+    /// not exist), or another path for a read-only one.
+    #[serde(default)]
+    pub drives: BTreeMap<String, DriveOverride>,
+    /// The console; the snapshot's when absent.
+    #[serde(default)]
+    pub serial: Option<SerialConfig>,
+}
+
+/// A drive's override.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub overlay: Option<PathBuf>,
+}
+
+fn resolve(dir: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_owned()
+    } else {
+        dir.join(path)
+    }
+}
+
+/// Builds a fresh VM from the snapshot in `dir`, with its vCPUs parked if `paused`.
+pub fn restore(
+    dir: &Path,
+    overrides: &RestoreOverrides,
+    paused: bool,
+) -> Result<MicroVm, PersistError> {
+    let start = Instant::now();
+    let dir = absolute(dir)?;
+    let state: MicrovmState = snapshot::read(&dir.join(STATE_FILE))?;
+    if state.vcpus.len() != usize::from(state.config.machine.vcpus) {
+        return Err(request(
+            "path",
+            format!(
+                "the snapshot has {} vCPU states for {} vCPUs",
+                state.vcpus.len(),
+                state.config.machine.vcpus
+            ),
+        ));
+    }
+    let config = restored_config(&state, &dir, overrides)?;
+    config
+        .validate()
+        .map_err(|e| request(format!("restored configuration: {}", e.field), e.message))?;
+    prepare_drives(&state, &dir, &config)?;
+
+    let build = |e: BuildError| match e {
+        BuildError::Device { field, message } => request(field, message),
+        other => failed("cannot restore the VM", &other),
+    };
+    let kvm = Kvm::new().map_err(|e| failed("cannot open /dev/kvm", &e))?;
+    let base = resolve(&dir, &state.memory.base);
+    let diff_path = dir.join(MEMORY_FILE);
+    let diff = state
+        .memory
+        .diff
+        .as_ref()
+        .map(|runs| (diff_path.as_path(), runs));
+    let mem = memory::restore(state.memory.mib, &base, diff)
+        .map_err(|e| failed("cannot map the snapshot memory", &e))?;
+    let mut vm = Vm::new(&kvm).map_err(|e| build(e.into()))?;
+    vm.register_memory(&mem, true)
+        .map_err(|e| build(e.into()))?;
+    let Legacy {
+        pio,
+        mut mmio,
+        exit_evt,
+        serial,
+        boot_time,
+    } = builder::legacy_devices(&config, &vm, state.serial.as_ref()).map_err(build)?;
+    vm.restore_state(&state.vm)
+        .map_err(|e| failed("cannot restore the irqchip, PIT or clock", &e))?;
+
+    let mut devices = MmioDeviceManager::new();
+    let virtio = builder::virtio_devices(&config).map_err(build)?;
+    if virtio.len() != state.devices.len() {
+        return Err(request(
+            "path",
+            format!(
+                "the snapshot has {} virtio devices, its configuration gives {}",
+                state.devices.len(),
+                virtio.len()
+            ),
+        ));
+    }
+    for (device, saved) in virtio.into_iter().zip(&state.devices) {
+        devices
+            .attach(&vm, &mut mmio, &mem, device, Some(saved))
+            .map_err(|e| failed("cannot restore a virtio device", &e))?;
+    }
+
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in state.vcpus.iter().enumerate() {
+        let vcpu = Vcpu::new(&vm, index as u8).map_err(|e| build(e.into()))?;
+        vcpu.restore_state(saved)
+            .map_err(|e| failed("cannot restore a vCPU", &e))?;
+        vcpus.push(vcpu);
+    }
+    let shared = Arc::new(VcpuShared {
+        pio,
+        mmio,
+        exit_evt,
+        exit: Mutex::new(None),
+        metrics: Default::default(),
+    });
+    let threads = VcpuThreads::start(vcpus, shared.clone(), paused).map_err(|e| build(e.into()))?;
+    let mut differing = memory::empty_bitmap(&mem);
+    if let Some(runs) = &state.memory.diff {
+        memory::mark_runs(&mem, &mut differing, runs);
+    }
+    Ok(MicroVm {
+        mem,
+        shared,
+        boot_time,
+        vcpus: Some(threads),
+        devices,
+        vcpu_count: config.machine.vcpus,
+        memory_mib: config.machine.memory_mib,
+        serial,
+        memory_base: Some(MemoryBase {
+            path: base,
+            differing,
+            mapped: true,
+        }),
+        restore_time: Some(start.elapsed()),
+        config,
+        kvm,
+        vm,
+    })
+}
+
+/// The snapshot's configuration with the overrides applied and the drives pointed at their
+/// restored backing.
+fn restored_config(
+    state: &MicrovmState,
+    dir: &Path,
+    overrides: &RestoreOverrides,
+) -> Result<VmConfig, PersistError> {
+    let mut config = state.config.clone();
+    for id in overrides.drives.keys() {
+        if !state.drives.iter().any(|d| &d.id == id) {
+            return Err(request(
+                format!("drives.{id}"),
+                "the snapshot has no drive with this id",
+            ));
+        }
+    }
+    if state.drives.len() != config.drives.len() {
+        return Err(request(
+            "path",
+            "the snapshot's drives do not match its configuration",
+        ));
+    }
+    for (drive, saved) in config.drives.iter_mut().zip(&state.drives) {
+        let o = overrides.drives.get(&saved.id).cloned().unwrap_or_default();
+        let field = format!("drives.{}", saved.id);
+        if saved.read_only {
+            if o.overlay.is_some() {
+                return Err(request(
+                    format!("{field}.overlay"),
+                    "the drive is read-only",
+                ));
+            }
+            *drive = DriveConfig {
+                path: o.path.unwrap_or_else(|| saved.base.clone()),
+                overlay: None,
+                ..drive.clone()
+            };
+        } else {
+            if o.path.is_some() {
+                return Err(request(
+                    format!("{field}.path"),
+                    "a writable drive restores over its snapshot base; give only an overlay",
+                ));
+            }
+            let overlay = o.overlay.ok_or_else(|| {
+                request(
+                    format!("{field}.overlay"),
+                    "a restored writable drive needs its own overlay file",
+                )
+            })?;
+            if overlay.exists() {
+                return Err(request(
+                    format!("{field}.overlay"),
+                    format!("{} exists; give a new path", overlay.display()),
+                ));
+            }
+            *drive = DriveConfig {
+                path: resolve(dir, &saved.base),
+                overlay: Some(overlay),
+                ..drive.clone()
+            };
+        }
+    }
+    if let Some(vsock) = config.vsock.as_mut() {
+        if let Some(path) = &overrides.vsock_uds_path {
+            vsock.uds_path = path.clone();
+        }
+    }
+    if let Some(serial) = &overrides.serial {
+        config.serial = serial.clone();
+    }
+    Ok(config)
+}
+
+/// Copies each writable drive's frozen layer to the new overlay.
+fn prepare_drives(state: &MicrovmState, dir: &Path, config: &VmConfig) -> Result<(), PersistError> {
+    for (saved, drive) in state.drives.iter().zip(&config.drives) {
+        if let (Some(layer), Some(overlay_path)) = (&saved.layer, &drive.overlay) {
+            overlay::copy(&resolve(dir, layer), overlay_path)
+                .map_err(|e| failed(&format!("cannot set up drive {}", saved.id), &e))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! The snapshot state file: a versioned, checksummed container around a JSON payload.
+//!
+//! ```text
+//! offset  size  field
+//!      0     8  magic "HEARTHSN"
+//!      8     4  format version, little-endian (FORMAT_VERSION)
+//!     12     4  flags, zero
+//!     16     8  payload length N, little-endian, at most MAX_PAYLOAD
+//!     24     N  payload: the microVM state as JSON (`persist::MicrovmState`)
+//!   24+N    32  SHA-256 of bytes 0..24+N
+//! ```
+//!
+//! A reader checks, in order: the size cap, the magic, the version, that the file is exactly
+//! as long as the header says, the checksum, and only then parses the payload. Each failure is
+//! its own [`SnapshotError`]; none panics. Writers write to a temporary name and rename, so a
+//! state file either is complete or does not exist. The layout of a whole snapshot directory
+//! is in `docs/SNAPSHOTS.md`.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// The first bytes of every state file.
+pub const MAGIC: &[u8; 8] = b"HEARTHSN";
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The largest payload accepted (a state file holds registers and device state, not memory).
+pub const MAX_PAYLOAD: u64 = 64 << 20;
+const HEADER_LEN: usize = 24;
+const CHECKSUM_LEN: usize = 32;
+
+/// Why a state file could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The file could not be read or written.
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The file does not start with [`MAGIC`].
+    #[error("{} is not a Hearth snapshot state file (bad magic)", path.display())]
+    BadMagic { path: PathBuf },
+    /// The file has a format version this build does not read.
+    #[error("{} has snapshot format version {found}; this build reads version {FORMAT_VERSION}", path.display())]
+    UnsupportedVersion { path: PathBuf, found: u32 },
+    /// The file is shorter (or longer) than its header says.
+    #[error("{} is truncated or padded: {found} bytes, the header says {expected}", path.display())]
+    Length {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    /// The file or its payload is over the size cap.
+    #[error("{} is too large: {found} bytes, the limit is {MAX_PAYLOAD}", path.display())]
+    TooLarge { path: PathBuf, found: u64 },
+    /// The checksum does not match: the file is corrupt.
+    #[error("{} is corrupt: its checksum does not match", path.display())]
+    Checksum { path: PathBuf },
+    /// The payload is not the state this build expects.
+    #[error("{} has an unreadable payload: {message}", path.display())]
+    Payload { path: PathBuf, message: String },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Encodes `state` as a state file image.
+pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, serde_json::Error> {
+    let payload = serde_json::to_vec(state)?;
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + CHECKSUM_LEN);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(&payload);
+    let sum = Sha256::digest(&out);
+    out.extend_from_slice(&sum);
+    Ok(out)
+}
+
+/// Decodes a state file image read from `path` (named in errors).
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, SnapshotError> {
+    let path = path.to_owned();
+    let found = bytes.len() as u64;
+    if found > MAX_PAYLOAD + (HEADER_LEN + CHECKSUM_LEN) as u64 {
+        return Err(SnapshotError::TooLarge { path, found });
+    }
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(SnapshotError::BadMagic { path });
+    }
+    let header_len = (HEADER_LEN + CHECKSUM_LEN) as u64;
+    let (Some(version), Some(len)) = (
+        bytes
+            .get(8..12)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default())),
+        bytes
+            .get(16..24)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default())),
+    ) else {
+        return Err(SnapshotError::Length {
+            path,
+            expected: header_len,
+            found,
+        });
+    };
+    if version != FORMAT_VERSION {
+        return Err(SnapshotError::UnsupportedVersion {
+            path,
+            found: version,
+        });
+    }
+    if len > MAX_PAYLOAD {
+        return Err(SnapshotError::TooLarge { path, found: len });
+    }
+    let expected = header_len + len;
+    if found != expected {
+        return Err(SnapshotError::Length {
+            path,
+            expected,
+            found,
+        });
+    }
+    let body_end = HEADER_LEN + len as usize;
+    if Sha256::digest(&bytes[..body_end]).as_slice() != &bytes[body_end..] {
+        return Err(SnapshotError::Checksum { path });
+    }
+    serde_json::from_slice(&bytes[HEADER_LEN..body_end]).map_err(|e| SnapshotError::Payload {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// Writes `state` to `path` durably: a temporary file, fsync, rename.
+pub fn write<T: Serialize>(path: &Path, state: &T) -> Result<(), SnapshotError> {
+    let bytes = encode(state).map_err(|e| SnapshotError::Payload {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
+    let tmp = path.with_extension("tmp");
+    let mut file = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
+    file.write_all(&bytes)
+        .map_err(io_err("cannot write", &tmp))?;
+    file.sync_all().map_err(io_err("cannot sync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err("cannot rename into place", path))?;
+    Ok(())
+}
+
+/// Reads a state file, never reading more than the size cap.
+pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, SnapshotError> {
+    let file = File::open(path).map_err(io_err("cannot open the snapshot state", path))?;
+    let cap = MAX_PAYLOAD + (HEADER_LEN + CHECKSUM_LEN) as u64;
+    let mut bytes = Vec::new();
+    file.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err("cannot read the snapshot state", path))?;
+    decode(&bytes, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct State {
+        name: String,
+        regs: Vec<u64>,
+    }
+
+    fn state() -> State {
+        State {
+            name: "vm".into(),
+            regs: vec![1, 2, 3],
+        }
+    }
+
+    fn decode_state(bytes: &[u8]) -> Result<State, SnapshotError> {
+        decode(bytes, Path::new("vmstate"))
+    }
+
+    #[test]
+    fn test_snapshot_round_trip_preserves_state() {
+        let bytes = encode(&state()).expect("encode");
+
+        assert_eq!(decode_state(&bytes).expect("decode"), state());
+    }
+
+    #[test]
+    fn test_snapshot_bad_magic_is_rejected() {
+        let mut bytes = encode(&state()).expect("encode");
+        bytes[0] = b'X';
+
+        assert!(matches!(
+            decode_state(&bytes),
+            Err(SnapshotError::BadMagic { .. })
+        ));
+    }
+
+    #[test]
+    fn test_snapshot_unknown_version_is_rejected() {
+        let mut bytes = encode(&state()).expect("encode");
+        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+
+        let err = decode_state(&bytes).expect_err("version 2");
+
+        assert!(matches!(
+            err,
+            SnapshotError::UnsupportedVersion { found: 2, .. }
+        ));
+        assert!(err.to_string().contains("version 2"));
+    }
+
+    #[test]
+    fn test_snapshot_every_truncation_is_rejected_cleanly() {
+        let bytes = encode(&state()).expect("encode");
+
+        for len in 0..bytes.len() {
+            assert!(decode_state(&bytes[..len]).is_err(), "accepted {len} bytes");
+        }
+    }
+
+    #[test]
+    fn test_snapshot_flipped_payload_bit_fails_checksum() {
+        let mut bytes = encode(&state()).expect("encode");
+        bytes[HEADER_LEN + 3] ^= 0x01;
+
+        assert!(matches!(
+            decode_state(&bytes),
+            Err(SnapshotError::Checksum { .. })
+        ));
+    }
+
+    #[test]
+    fn test_snapshot_huge_declared_length_is_rejected() {
+        let mut bytes = encode(&state()).expect("encode");
+        bytes[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+
+        assert!(matches!(
+            decode_state(&bytes),
+            Err(SnapshotError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn test_snapshot_valid_container_with_wrong_payload_is_a_payload_error() {
+        let bytes = encode(&serde_json::json!({"other": true})).expect("encode");
+
+        assert!(matches!(
+            decode_state(&bytes),
+            Err(SnapshotError::Payload { .. })
+        ));
+    }
+
+    #[test]
+    fn test_snapshot_write_then_read_file() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().expect("tempdir");
+        let path = dir.as_path().join("vmstate");
+
+        write(&path, &state()).expect("write");
+
+        assert_eq!(read::<State>(&path).expect("read"), state());
+        assert!(!path.with_extension("tmp").exists());
+    }
+}
