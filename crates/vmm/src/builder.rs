@@ -18,7 +18,7 @@ use crate::devices::legacy::boot_timer::{self, BootTime, BootTimer};
 use crate::devices::legacy::i8042::{self, I8042};
 use crate::devices::legacy::serial::{self, ConsoleOut, SerialDevice};
 use crate::devices::legacy::EventFdTrigger;
-use crate::devices::virtio::block::{Block, BlockConfig};
+use crate::devices::virtio::block::{Block, BlockConfig, BlockError, DiskError};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::{Vsock, VsockConfig};
 use crate::devices::virtio::{GuestMemoryMmap, VirtioDevice};
@@ -139,7 +139,13 @@ pub(crate) fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevi
             id: Some(d.id.clone()),
             overlay: d.overlay.clone(),
         })
-        .map_err(|e| device_err(format!("drives[{i}].path"), error_chain(&e)))?;
+        .map_err(|e| {
+            let field = match e {
+                BlockError::Disk(DiskError::Overlay(_)) => "overlay",
+                _ => "path",
+            };
+            device_err(format!("drives[{i}].{field}"), error_chain(&e))
+        })?;
         devices.push(Box::new(block));
     }
     if let Some(v) = &config.vsock {

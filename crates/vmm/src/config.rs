@@ -7,7 +7,10 @@
 //!   "version": 1,
 //!   "machine": { "vcpus": 2, "memory_mib": 256 },
 //!   "boot": { "kernel": "/path/vmlinux", "cmdline": "console=ttyS0 reboot=k", "initrd": null },
-//!   "drives": [ { "id": "root", "path": "/path/rootfs.ext4", "read_only": true, "root": true } ],
+//!   "drives": [
+//!     { "id": "root", "path": "/path/rootfs.ext4", "read_only": true, "root": true },
+//!     { "id": "data", "path": "/path/data-base.ext4", "overlay": "/run/vm/data.overlay" }
+//!   ],
 //!   "vsock": { "guest_cid": 3, "uds_path": "/run/vm/vsock.sock" },
 //!   "rng": true,
 //!   "serial": { "output": "stdout" }
@@ -87,7 +90,8 @@ pub struct BootConfig {
     pub initrd: Option<PathBuf>,
 }
 
-/// A virtio-blk disk backed by a raw image.
+/// A virtio-blk disk backed by a raw image, or by a read-only base image with a copy-on-write
+/// overlay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveConfig {
@@ -98,8 +102,9 @@ pub struct DriveConfig {
     /// Mount it as the root filesystem (`root=/dev/vdX` is added to the command line).
     #[serde(default)]
     pub root: bool,
-    /// A copy-on-write overlay: `path` is then a read-only base that is never written, and
-    /// the guest's writes go to this file (created if missing; see `docs/SNAPSHOTS.md`).
+    /// The data file of a copy-on-write overlay (with its map, `<overlay>.map`; both created
+    /// if missing): `path` is then a read-only base that is never written, and the guest's
+    /// writes go to the overlay. Format and guarantees in `docs/VMM.md`.
     #[serde(default)]
     pub overlay: Option<PathBuf>,
 }
@@ -323,6 +328,25 @@ mod tests {
         v["drives"] = serde_json::json!([{"id": "a", "path": "/a"}, {"id": "a", "path": "/b"}]);
 
         assert_eq!(parse(&v).expect_err("dup").field, "drives[1].id");
+    }
+
+    #[test]
+    fn test_config_drive_overlay_parses() {
+        let mut v = base();
+        v["drives"][0]["overlay"] = "/r.overlay".into();
+
+        let config = parse(&v).expect("valid");
+
+        assert_eq!(config.drives[0].overlay, Some(PathBuf::from("/r.overlay")));
+    }
+
+    #[test]
+    fn test_config_overlay_on_read_only_drive_rejected() {
+        let mut v = base();
+        v["drives"][0]["read_only"] = true.into();
+        v["drives"][0]["overlay"] = "/r.overlay".into();
+
+        assert_eq!(parse(&v).expect_err("read-only").field, "drives[0].overlay");
     }
 
     #[test]

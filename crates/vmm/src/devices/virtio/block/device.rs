@@ -34,7 +34,8 @@ pub struct BlockConfig {
     /// The serial GET_ID returns, at most 20 bytes.
     #[serde(default)]
     pub id: Option<String>,
-    /// A copy-on-write overlay over `path`, which is then never written.
+    /// The data file of a copy-on-write overlay (created if missing): `path` is then a
+    /// read-only base and the guest's writes go to the overlay. `read_only` is then ignored.
     #[serde(default)]
     pub overlay: Option<PathBuf>,
 }
@@ -236,6 +237,19 @@ mod tests {
 
         assert_eq!(block.avail_features() & 1 << VIRTIO_BLK_F_RO, 0);
         assert_ne!(block.avail_features() & features::VERSION_1, 0);
+    }
+
+    #[test]
+    fn test_block_with_overlay_does_not_offer_ro() {
+        let image = TempImage::with_len(4096);
+        let dir = vmm_sys_util::tempdir::TempDir::new().expect("tempdir");
+        let mut config = config(&image, false);
+        config.overlay = Some(dir.as_path().join("disk.overlay"));
+
+        let block = Block::new(&config).expect("block");
+
+        assert_eq!(block.avail_features() & 1 << VIRTIO_BLK_F_RO, 0);
+        assert_eq!(block.capacity(), 8);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The disk image behind a virtio-blk device: a raw file (or host block device) opened
-//! read-only or read-write, or a read-only base with a copy-on-write overlay (`overlay`), and
-//! positional I/O (`pread`/`pwrite`) straight between the file and
-//! guest memory, so the worker never seeks and never copies through a buffer.
+//! read-only or read-write, or a read-only base with a copy-on-write overlay (see
+//! [`super::overlay`]). Data moves by positional I/O (`pread`/`pwrite`) straight between the
+//! files and guest memory, so the worker never seeks and never copies through a buffer (except
+//! to copy a cluster up from an overlay's base).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -15,7 +16,7 @@ use vm_memory::{
     VolatileSlice, WriteVolatile,
 };
 
-use super::overlay::Overlay;
+use super::overlay::{Overlay, OverlayError};
 use super::{ID_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::GuestMemoryMmap;
 
@@ -61,23 +62,9 @@ pub enum DiskError {
     /// fdatasync failed.
     #[error("cannot flush the disk image")]
     Flush(#[source] io::Error),
-    /// A copy-on-write overlay is not valid for its base.
-    #[error("the overlay {} is unusable: {message}", path.display())]
-    Overlay {
-        /// The overlay's data or map file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// Copying a cluster from the base into the overlay failed.
-    #[error("cannot copy the cluster at byte {offset} up into the overlay")]
-    CopyUp {
-        /// The cluster's offset.
-        offset: u64,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
+    /// The copy-on-write overlay could not be opened, used or synced.
+    #[error("the copy-on-write overlay failed")]
+    Overlay(#[source] OverlayError),
 }
 
 /// Where a disk's bytes live.
@@ -111,21 +98,7 @@ impl Disk {
                 path: path.to_owned(),
                 source,
             })?;
-        // Seeking to the end also sizes host block devices, whose metadata length is 0.
-        let len = file
-            .seek(SeekFrom::End(0))
-            .map_err(|source| DiskError::Size {
-                path: path.to_owned(),
-                source,
-            })?;
-        if len % SECTOR_SIZE != 0 {
-            warn!(
-                "disk image {} is {len} bytes, not a whole number of sectors; \
-                 the guest will not see the last {} bytes",
-                path.display(),
-                len % SECTOR_SIZE
-            );
-        }
+        let len = image_len(&mut file, path)?;
         Ok(Self {
             backing: Backing::Raw(file),
             read_only,
@@ -134,20 +107,17 @@ impl Disk {
         })
     }
 
-    /// Opens the read-only image `base` with the copy-on-write overlay `overlay` (created if
-    /// it does not exist; see [`super::overlay`]); the guest may write.
+    /// Opens the image at `base` read-only, with the copy-on-write overlay whose data file is
+    /// `overlay` (created if neither of its files exists) taking the guest's writes. The disk
+    /// is writable; its capacity is the base's.
     pub fn open_overlay(base: &Path, overlay: &Path, id: Option<&str>) -> Result<Self, DiskError> {
         let id = id.map(pad_id).transpose()?;
-        let overlay = Overlay::open(base, overlay)?;
-        let len = overlay.size();
-        if len % SECTOR_SIZE != 0 {
-            warn!(
-                "disk image {} is {len} bytes, not a whole number of sectors; \
-                 the guest will not see the last {} bytes",
-                base.display(),
-                len % SECTOR_SIZE
-            );
-        }
+        let mut file = File::open(base).map_err(|source| DiskError::Open {
+            path: base.to_owned(),
+            source,
+        })?;
+        let len = image_len(&mut file, base)?;
+        let overlay = Overlay::open(file, len, overlay).map_err(DiskError::Overlay)?;
         Ok(Self {
             backing: Backing::Overlay(overlay),
             read_only: false,
@@ -180,28 +150,15 @@ impl Disk {
         offset: u64,
     ) -> Result<(), DiskError> {
         let overlay = match &self.backing {
-            Backing::Raw(file) => {
-                let mut cursor = FileCursor { file, offset };
-                return mem
-                    .read_exact_volatile_from(addr, &mut cursor, len)
-                    .map_err(|source| DiskError::Io { offset, source });
-            }
+            Backing::Raw(file) => return read_from(file, mem, addr, len, offset),
             Backing::Overlay(overlay) => overlay,
         };
-        for (start, n, from_overlay) in overlay.read_segments(offset, len as u64) {
-            let mut cursor = FileCursor {
-                file: overlay.file(from_overlay),
-                offset: start,
-            };
-            let at = addr.checked_add(start - offset).ok_or(DiskError::Io {
-                offset: start,
+        for run in overlay.runs(offset, len as u64) {
+            let at = addr.checked_add(run.offset - offset).ok_or(DiskError::Io {
+                offset: run.offset,
                 source: GuestMemoryError::InvalidGuestAddress(addr),
             })?;
-            mem.read_exact_volatile_from(at, &mut cursor, n as usize)
-                .map_err(|source| DiskError::Io {
-                    offset: start,
-                    source,
-                })?;
+            read_from(run.file, mem, at, run.len as usize, run.offset)?;
         }
         Ok(())
     }
@@ -217,32 +174,73 @@ impl Disk {
         if self.read_only {
             return Err(DiskError::ReadOnly);
         }
-        let file = match &self.backing {
-            Backing::Raw(file) => file,
-            Backing::Overlay(overlay) => {
-                overlay.prepare_write(offset, len as u64)?;
-                overlay.file(true)
-            }
+        let overlay = match &self.backing {
+            Backing::Raw(file) => return write_to(file, mem, addr, len, offset),
+            Backing::Overlay(overlay) => overlay,
         };
-        let mut cursor = FileCursor { file, offset };
-        mem.write_all_volatile_to(addr, &mut cursor, len)
-            .map_err(|source| DiskError::Io { offset, source })?;
-        if let Backing::Overlay(overlay) = &self.backing {
-            overlay.mark_written(offset, len as u64);
-        }
+        overlay
+            .prepare_write(offset, len as u64)
+            .map_err(DiskError::Overlay)?;
+        write_to(overlay.data_file(), mem, addr, len, offset)?;
+        overlay.mark_written(offset, len as u64);
         Ok(())
     }
 
-    /// Makes written data durable (fdatasync). A read-only disk has nothing to flush.
+    /// Makes written data durable: fdatasync, or an overlay's sync (its data file, then its
+    /// map). A read-only disk has nothing to flush.
     pub fn flush(&self) -> Result<(), DiskError> {
         if self.read_only {
             return Ok(());
         }
         match &self.backing {
             Backing::Raw(file) => file.sync_data().map_err(DiskError::Flush),
-            Backing::Overlay(overlay) => overlay.flush().map_err(DiskError::Flush),
+            Backing::Overlay(overlay) => overlay.sync().map_err(DiskError::Overlay),
         }
     }
+}
+
+/// The length of the image `file`, warning if the guest cannot see all of it.
+fn image_len(file: &mut File, path: &Path) -> Result<u64, DiskError> {
+    // Seeking to the end also sizes host block devices, whose metadata length is 0.
+    let len = file
+        .seek(SeekFrom::End(0))
+        .map_err(|source| DiskError::Size {
+            path: path.to_owned(),
+            source,
+        })?;
+    if len % SECTOR_SIZE != 0 {
+        warn!(
+            "disk image {} is {len} bytes, not a whole number of sectors; \
+             the guest will not see the last {} bytes",
+            path.display(),
+            len % SECTOR_SIZE
+        );
+    }
+    Ok(len)
+}
+
+fn read_from(
+    file: &File,
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: usize,
+    offset: u64,
+) -> Result<(), DiskError> {
+    let mut cursor = FileCursor { file, offset };
+    mem.read_exact_volatile_from(addr, &mut cursor, len)
+        .map_err(|source| DiskError::Io { offset, source })
+}
+
+fn write_to(
+    file: &File,
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: usize,
+    offset: u64,
+) -> Result<(), DiskError> {
+    let mut cursor = FileCursor { file, offset };
+    mem.write_all_volatile_to(addr, &mut cursor, len)
+        .map_err(|source| DiskError::Io { offset, source })
 }
 
 fn pad_id(id: &str) -> Result<[u8; ID_BYTES], DiskError> {
@@ -338,6 +336,10 @@ impl WriteVolatile for FileCursor<'_> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use vmm_sys_util::tempdir::TempDir;
+
     use super::super::test_utils::TempImage;
     use super::*;
     use crate::devices::virtio::mmio::testing::{guest_memory, DATA_ADDR};
@@ -415,5 +417,205 @@ mod tests {
         let result = disk.write_from_guest(&mem, GuestAddress(DATA_ADDR), 512, 0);
 
         assert!(matches!(result, Err(DiskError::ReadOnly)));
+    }
+
+    /// A base image of `len` bytes (byte `i` is `i % 251`) in a directory of its own, with
+    /// the disk opened over it with an overlay.
+    struct OverlayFixture {
+        _dir: TempDir,
+        base: PathBuf,
+        overlay: PathBuf,
+        mem: GuestMemoryMmap,
+    }
+
+    impl OverlayFixture {
+        fn new(len: usize) -> Self {
+            let dir = TempDir::new().expect("tempdir");
+            let base = dir.as_path().join("base.img");
+            let contents: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            std::fs::write(&base, contents).expect("base");
+            let overlay = dir.as_path().join("disk.overlay");
+            Self {
+                _dir: dir,
+                base,
+                overlay,
+                mem: guest_memory(),
+            }
+        }
+
+        fn open(&self) -> Disk {
+            Disk::open_overlay(&self.base, &self.overlay, None).expect("open")
+        }
+
+        fn base_contents(&self) -> Vec<u8> {
+            std::fs::read(&self.base).expect("base")
+        }
+
+        fn write(&self, disk: &Disk, offset: u64, bytes: &[u8]) {
+            self.mem
+                .write_slice(bytes, GuestAddress(DATA_ADDR))
+                .expect("guest");
+            disk.write_from_guest(&self.mem, GuestAddress(DATA_ADDR), bytes.len(), offset)
+                .expect("write");
+        }
+
+        fn read(&self, disk: &Disk, offset: u64, len: usize) -> Vec<u8> {
+            disk.read_to_guest(&self.mem, GuestAddress(DATA_ADDR), len, offset)
+                .expect("read");
+            let mut data = vec![0u8; len];
+            self.mem
+                .read_slice(&mut data, GuestAddress(DATA_ADDR))
+                .expect("guest");
+            data
+        }
+    }
+
+    #[test]
+    fn test_disk_overlay_is_writable_with_the_base_capacity() {
+        let f = OverlayFixture::new(3 * 4096 + 512);
+
+        let disk = f.open();
+
+        assert_eq!((disk.sectors(), disk.is_read_only()), (25, false));
+    }
+
+    #[test]
+    fn test_disk_overlay_read_falls_through_to_base() {
+        let f = OverlayFixture::new(3 * 4096);
+        let disk = f.open();
+
+        let data = f.read(&disk, 512, 2 * 4096);
+
+        assert_eq!(data, f.base_contents()[512..512 + 2 * 4096]);
+    }
+
+    #[test]
+    fn test_disk_overlay_write_goes_to_overlay_and_base_stays_unchanged() {
+        let f = OverlayFixture::new(3 * 4096);
+        let before = f.base_contents();
+        let disk = f.open();
+
+        f.write(&disk, 4096, &[0x5a; 4096]);
+
+        let mut in_overlay = vec![0u8; 4096];
+        File::open(&f.overlay)
+            .expect("overlay")
+            .read_exact_at(&mut in_overlay, 4096)
+            .expect("overlay");
+        assert_eq!(f.read(&disk, 4096, 4096), [0x5a; 4096]);
+        assert_eq!(in_overlay, [0x5a; 4096]);
+        assert_eq!(f.base_contents(), before);
+    }
+
+    #[test]
+    fn test_disk_overlay_partial_sector_write_keeps_rest_of_cluster_from_base() {
+        let f = OverlayFixture::new(3 * 4096);
+        let mut expected = f.base_contents();
+        let disk = f.open();
+
+        f.write(&disk, 4096 + 1024, &[0x5a; 512]);
+
+        expected[4096 + 1024..4096 + 1536].fill(0x5a);
+        assert_eq!(f.read(&disk, 0, 3 * 4096), expected);
+    }
+
+    #[test]
+    fn test_disk_overlay_write_across_cluster_boundaries_reads_back() {
+        let f = OverlayFixture::new(4 * 4096);
+        let mut expected = f.base_contents();
+        let disk = f.open();
+
+        f.write(&disk, 4096 - 512, &[0x5a; 2 * 4096 + 1024]);
+
+        expected[4096 - 512..3 * 4096 + 512].fill(0x5a);
+        assert_eq!(f.read(&disk, 0, 4 * 4096), expected);
+    }
+
+    #[test]
+    fn test_disk_overlay_read_across_written_and_unwritten_clusters_merges_them() {
+        let f = OverlayFixture::new(4 * 4096);
+        let mut expected = f.base_contents();
+        let disk = f.open();
+        f.write(&disk, 4096, &[0x5a; 4096]);
+        f.write(&disk, 3 * 4096, &[0xa5; 512]);
+
+        let data = f.read(&disk, 2048, 4 * 4096 - 2048);
+
+        expected[4096..2 * 4096].fill(0x5a);
+        expected[3 * 4096..3 * 4096 + 512].fill(0xa5);
+        assert_eq!(data, expected[2048..]);
+    }
+
+    #[test]
+    fn test_disk_overlay_write_at_end_of_unaligned_disk_reads_back() {
+        let f = OverlayFixture::new(2 * 4096 + 1024);
+        let mut expected = f.base_contents();
+        let disk = f.open();
+
+        f.write(&disk, 2 * 4096 + 512, &[0x5a; 512]);
+
+        expected[2 * 4096 + 512..].fill(0x5a);
+        assert_eq!(f.read(&disk, 0, 2 * 4096 + 1024), expected);
+        assert_eq!(
+            std::fs::metadata(&f.overlay).expect("overlay").len(),
+            2 * 4096 + 1024
+        );
+    }
+
+    #[test]
+    fn test_disk_overlay_write_keeps_bytes_past_the_last_sector() {
+        let f = OverlayFixture::new(4096 + 700);
+        let mut expected = f.base_contents();
+        let disk = f.open();
+
+        f.write(&disk, 4096, &[0x5a; 512]);
+        drop(disk);
+
+        let mut tail = vec![0u8; 700];
+        File::open(&f.overlay)
+            .expect("overlay")
+            .read_exact_at(&mut tail, 4096)
+            .expect("overlay");
+        expected[4096..4096 + 512].fill(0x5a);
+        assert_eq!(tail, expected[4096..]);
+    }
+
+    #[test]
+    fn test_disk_overlay_flush_then_reopen_keeps_writes() {
+        let f = OverlayFixture::new(4 * 4096);
+        let disk = f.open();
+        f.write(&disk, 2 * 4096 + 512, &[0x5a; 512]);
+        disk.flush().expect("flush");
+        drop(disk);
+
+        let disk = f.open();
+
+        let mut expected = f.base_contents()[2 * 4096..3 * 4096].to_vec();
+        expected[512..1024].fill(0x5a);
+        assert_eq!(f.read(&disk, 2 * 4096, 4096), expected);
+    }
+
+    #[test]
+    fn test_disk_overlay_with_corrupt_map_fails_to_open() {
+        let f = OverlayFixture::new(4096);
+        drop(f.open());
+        std::fs::write(super::super::overlay::map_path(&f.overlay), b"garbage").expect("map");
+
+        let result = Disk::open_overlay(&f.base, &f.overlay, None);
+
+        assert!(matches!(
+            result,
+            Err(DiskError::Overlay(OverlayError::Invalid { .. }))
+        ));
+    }
+
+    #[test]
+    fn test_disk_overlay_missing_base_fails_to_open() {
+        let f = OverlayFixture::new(4096);
+
+        let result = Disk::open_overlay(Path::new("/nonexistent/base"), &f.overlay, None);
+
+        assert!(matches!(result, Err(DiskError::Open { .. })));
+        assert!(!f.overlay.exists());
     }
 }

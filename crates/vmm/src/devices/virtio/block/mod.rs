@@ -1,7 +1,8 @@
-//! virtio-blk (virtio 1.2, section 5.2) over a raw disk image.
+//! virtio-blk (virtio 1.2, section 5.2) over a raw disk image, or over a read-only base image
+//! with a copy-on-write overlay that takes the writes.
 //!
-//! - `disk`: the image file and positional I/O straight between it and guest memory.
-//! - `overlay`: the copy-on-write overlay a disk can have over a read-only base image.
+//! - `disk`: the image files and positional I/O straight between them and guest memory.
+//! - [`overlay`]: the copy-on-write overlay (format, crash semantics, [`overlay::copy`]).
 //! - `request`: the pure request logic; it parses a descriptor chain into a [`Request`],
 //!   validating every descriptor, and executes it against a [`Disk`].
 //! - `device`: [`Block`], the [`VirtioDevice`](super::VirtioDevice) with its features and
