@@ -36,6 +36,14 @@ enum Task {
         initrd: PathBuf,
         rootfs: PathBuf,
     },
+    /// The part of the snapshot benchmark that needs KVM (run in the test bed).
+    #[command(hide = true)]
+    BenchSnapshotInKvm {
+        vmm: PathBuf,
+        kernel: PathBuf,
+        initrd: PathBuf,
+        rootfs: PathBuf,
+    },
     /// Demonstrate the engine: boot, python3 through the agent, snapshot, 3 clones, suspend
     /// and resume, with each step's time.
     Demo,
@@ -73,6 +81,12 @@ fn main() -> Result<()> {
             initrd,
             rootfs,
         } => bench::agent_in_kvm(&vmm, &kernel, &initrd, &rootfs),
+        Task::BenchSnapshotInKvm {
+            vmm,
+            kernel,
+            initrd,
+            rootfs,
+        } => bench::snapshot_in_kvm(&vmm, &kernel, &initrd, &rootfs),
         Task::Demo => demo::run(),
         Task::DemoInKvm {
             vmm,

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use vmm::kvm_host::KvmKind;
 
-use crate::util;
+use crate::util::{self, shell_quote};
 
 /// Bump when the L1 recipe (initramfs, module list, init) changes.
 const RECIPE_VERSION: &str = "3";
@@ -390,11 +390,6 @@ impl Drop for RunDir {
     }
 }
 
-/// Quotes `s` for a POSIX shell.
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
 /// L1's second stage, run by bash on the host's root: run the command in the caller's
 /// directory and environment, record its status for the host, and power off.
 fn stage2_script(command: &[String], status: &Path) -> Result<String> {
@@ -654,11 +649,6 @@ kernel/arch/x86/kvm/kvm-amd.ko: kernel/arch/x86/kvm/kvm.ko kernel/virt/lib/irqby
         let package = parse_image_dependency(text);
 
         assert_eq!(package.as_deref(), Some("linux-image-6.1.0-57-cloud-amd64"));
-    }
-
-    #[test]
-    fn test_shell_quote_escapes_single_quotes() {
-        assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
 
     #[test]

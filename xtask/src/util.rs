@@ -122,6 +122,11 @@ pub fn publish_dir(src: &Path, dst: &Path) -> Result<()> {
         .with_context(|| format!("rename {} to {}", src.display(), dst.display()))
 }
 
+/// Quotes `s` for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +145,10 @@ mod tests {
 
         assert_eq!(h.len(), 64);
         assert_eq!(h, content_hash(&[("x", b"1")]));
+    }
+
+    #[test]
+    fn test_shell_quote_escapes_single_quotes() {
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
 }

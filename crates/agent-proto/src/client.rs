@@ -1,13 +1,21 @@
-//! The async host-side client. It reaches the agent through the VMM's vsock Unix socket
-//! (Firecracker's convention: send `CONNECT <port>\n`, read `OK <host port>\n`), opens one
-//! connection per request, does the handshake, and speaks the request's exchange.
+//! The async host-side client. It reaches the agent at an [`Endpoint`]: the VMM's vsock Unix
+//! socket (`hearth-vmm`, and Firecracker's convention: send `CONNECT <port>\n`, read
+//! `OK <host port>\n`), or the guest's context ID over the host kernel's `AF_VSOCK` (a VMM
+//! using vhost-vsock, such as QEMU's `vhost-vsock-device`). It opens one connection per
+//! request, does the handshake, and speaks the request's exchange; both endpoints carry the
+//! same protocol.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
+};
 use tokio::net::UnixStream;
+use tokio_vsock::{VsockAddr, VsockStream};
 
 use crate::frame::{read_frame, send, write_frame, Frame, FrameError, Stream, CHUNK};
 use crate::message::{
@@ -19,9 +27,9 @@ use crate::{AGENT_PORT, PROTOCOL_VERSION};
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the agent through {path}")]
+    #[error("cannot reach the agent through {endpoint}")]
     Connect {
-        path: PathBuf,
+        endpoint: Endpoint,
         #[source]
         source: std::io::Error,
     },
@@ -59,23 +67,99 @@ pub struct AgentInfo {
     pub boot_id: String,
 }
 
+/// Where the host reaches the guest's vsock ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// The VMM's vsock Unix socket, which relays `CONNECT <port>` to the guest (`hearth-vmm`,
+    /// Firecracker).
+    Uds(PathBuf),
+    /// The guest's context ID, over `AF_VSOCK` on the host (vhost-vsock).
+    Cid(u32),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Uds(path) => write!(f, "the vsock socket {}", path.display()),
+            Self::Cid(cid) => write!(f, "vsock CID {cid}"),
+        }
+    }
+}
+
+/// A byte stream to a port in the guest, through either kind of [`Endpoint`].
+#[derive(Debug)]
+pub struct GuestStream(GuestStreamInner);
+
+#[derive(Debug)]
+enum GuestStreamInner {
+    Uds(UnixStream),
+    Vsock(VsockStream),
+}
+
+impl AsyncRead for GuestStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().0 {
+            GuestStreamInner::Uds(s) => Pin::new(s).poll_read(cx, buf),
+            GuestStreamInner::Vsock(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for GuestStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match &mut self.get_mut().0 {
+            GuestStreamInner::Uds(s) => Pin::new(s).poll_write(cx, buf),
+            GuestStreamInner::Vsock(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().0 {
+            GuestStreamInner::Uds(s) => Pin::new(s).poll_flush(cx),
+            GuestStreamInner::Vsock(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    /// Shuts down the write direction: the guest reads end-of-file.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().0 {
+            GuestStreamInner::Uds(s) => Pin::new(s).poll_shutdown(cx),
+            GuestStreamInner::Vsock(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A handle on one VM's agent; cheap to clone, each call opens its own connection.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
-    uds: PathBuf,
+    endpoint: Endpoint,
     port: u32,
 }
 
-/// One request's connection, after the handshake.
+/// One request's connection, after the handshake: reads are buffered, writes go straight to
+/// the stream.
 #[derive(Debug)]
 struct Conn {
-    rx: BufReader<OwnedReadHalf>,
-    tx: OwnedWriteHalf,
+    stream: BufReader<GuestStream>,
 }
 
 impl Conn {
+    fn tx(&mut self) -> &mut GuestStream {
+        self.stream.get_mut()
+    }
+
     async fn recv(&mut self) -> Result<Frame, ClientError> {
-        read_frame(&mut self.rx).await?.ok_or(ClientError::Closed)
+        read_frame(&mut self.stream)
+            .await?
+            .ok_or(ClientError::Closed)
     }
 
     /// The next control message; data frames are a protocol error here.
@@ -88,12 +172,12 @@ impl Conn {
     }
 
     async fn send(&mut self, m: Message) -> Result<(), ClientError> {
-        Ok(send(&mut self.tx, m).await?)
+        Ok(send(self.tx(), m).await?)
     }
 }
 
 /// The next control message read straight off `stream`.
-async fn read_message(stream: &mut UnixStream) -> Result<Message, ClientError> {
+async fn read_message(stream: &mut GuestStream) -> Result<Message, ClientError> {
     match read_frame(stream).await?.ok_or(ClientError::Closed)? {
         Frame::Message(Message::Error(e)) => Err(e.into()),
         Frame::Message(m) => Ok(m),
@@ -107,28 +191,58 @@ impl AgentClient {
         Self::with_port(uds, AGENT_PORT)
     }
 
-    /// A client for an agent listening on another vsock port.
+    /// A client for an agent listening on another vsock port, behind the VMM's vsock socket.
     pub fn with_port(uds: impl Into<PathBuf>, port: u32) -> Self {
-        Self {
-            uds: uds.into(),
-            port,
+        Self::at(Endpoint::Uds(uds.into()), port)
+    }
+
+    /// A client for the agent of the guest with context ID `cid`, over the host's `AF_VSOCK`,
+    /// on the standard port.
+    pub fn vsock(cid: u32) -> Self {
+        Self::at(Endpoint::Cid(cid), AGENT_PORT)
+    }
+
+    /// A client for an agent listening on `port`, reached through `endpoint`.
+    pub fn at(endpoint: Endpoint, port: u32) -> Self {
+        Self { endpoint, port }
+    }
+
+    /// Where this client connects.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The VMM's vsock socket this client connects through, if it uses one.
+    pub fn uds(&self) -> Option<&Path> {
+        match &self.endpoint {
+            Endpoint::Uds(path) => Some(path),
+            Endpoint::Cid(_) => None,
         }
     }
 
-    /// The VMM's vsock socket this client connects through.
-    pub fn uds(&self) -> &Path {
-        &self.uds
+    /// Opens a vsock stream to `port` in the guest: the raw byte stream, before any handshake.
+    pub async fn connect_raw(&self, port: u32) -> Result<GuestStream, ClientError> {
+        let connect_error = |source| ClientError::Connect {
+            endpoint: self.endpoint.clone(),
+            source,
+        };
+        match &self.endpoint {
+            Endpoint::Uds(path) => {
+                let stream = UnixStream::connect(path).await.map_err(connect_error)?;
+                let stream = Self::relay_connect(stream, port).await?;
+                Ok(GuestStream(GuestStreamInner::Uds(stream)))
+            }
+            Endpoint::Cid(cid) => {
+                let stream = VsockStream::connect(VsockAddr::new(*cid, port))
+                    .await
+                    .map_err(connect_error)?;
+                Ok(GuestStream(GuestStreamInner::Vsock(stream)))
+            }
+        }
     }
 
-    /// Opens a vsock stream to `port` in the guest: the raw byte stream, before any handshake.
-    pub async fn connect_raw(&self, port: u32) -> Result<UnixStream, ClientError> {
-        let stream =
-            UnixStream::connect(&self.uds)
-                .await
-                .map_err(|source| ClientError::Connect {
-                    path: self.uds.clone(),
-                    source,
-                })?;
+    /// Asks the VMM's vsock socket for a connection to `port` in the guest.
+    async fn relay_connect(stream: UnixStream, port: u32) -> Result<UnixStream, ClientError> {
         let mut stream = BufReader::new(stream);
         stream
             .get_mut()
@@ -150,7 +264,7 @@ impl AgentClient {
 
     /// Connects and does the handshake. Frames are read unbuffered here, so that nothing past
     /// them is consumed: after a `Forward`, the stream turns raw.
-    async fn handshake(&self) -> Result<(UnixStream, AgentInfo), ClientError> {
+    async fn handshake(&self) -> Result<(GuestStream, AgentInfo), ClientError> {
         let mut stream = self.connect_raw(self.port).await?;
         send(
             &mut stream,
@@ -178,17 +292,16 @@ impl AgentClient {
     }
 
     /// A connection that has sent `request`, still unbuffered.
-    async fn open(&self, request: Request) -> Result<UnixStream, ClientError> {
+    async fn open(&self, request: Request) -> Result<GuestStream, ClientError> {
         let (mut stream, _) = self.handshake().await?;
         send(&mut stream, Message::Request(request)).await?;
         Ok(stream)
     }
 
     async fn request(&self, request: Request) -> Result<Conn, ClientError> {
-        let (rx, tx) = self.open(request).await?.into_split();
+        let stream = self.open(request).await?;
         Ok(Conn {
-            rx: BufReader::with_capacity(CHUNK * 2, rx),
-            tx,
+            stream: BufReader::with_capacity(CHUNK * 2, stream),
         })
     }
 
@@ -245,7 +358,7 @@ impl AgentClient {
     }
 
     /// Streams a guest file into `out`; returns its size.
-    pub async fn read_file_to<W: tokio::io::AsyncWrite + Unpin>(
+    pub async fn read_file_to<W: AsyncWrite + Unpin>(
         &self,
         path: &str,
         out: &mut W,
@@ -305,7 +418,7 @@ impl AgentClient {
         loop {
             let n = input.read(&mut buf).await?;
             let chunk = Frame::Data(Stream::File, buf[..n].to_vec());
-            if let Err(e) = write_frame(&mut conn.tx, &chunk).await {
+            if let Err(e) = write_frame(conn.tx(), &chunk).await {
                 // The agent may have stopped reading because the write failed: its error
                 // explains more than the broken pipe does.
                 return Err(match conn.recv_message().await {
@@ -385,7 +498,7 @@ impl AgentClient {
     }
 
     /// A byte stream to TCP `127.0.0.1:<port>` inside the guest.
-    pub async fn forward(&self, port: u16) -> Result<UnixStream, ClientError> {
+    pub async fn forward(&self, port: u16) -> Result<GuestStream, ClientError> {
         let mut stream = self.open(Request::Forward { port }).await?;
         match read_message(&mut stream).await? {
             Message::Ok => Ok(stream),
@@ -478,18 +591,14 @@ impl ExecSession {
     /// Sends bytes to the process's stdin (the request must have asked for stdin).
     pub async fn write_stdin(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         for chunk in bytes.chunks(CHUNK) {
-            write_frame(
-                &mut self.conn.tx,
-                &Frame::Data(Stream::Stdin, chunk.to_vec()),
-            )
-            .await?;
+            write_frame(self.conn.tx(), &Frame::Data(Stream::Stdin, chunk.to_vec())).await?;
         }
         Ok(())
     }
 
     /// Closes the process's stdin.
     pub async fn close_stdin(&mut self) -> Result<(), ClientError> {
-        Ok(write_frame(&mut self.conn.tx, &Frame::Data(Stream::Stdin, Vec::new())).await?)
+        Ok(write_frame(self.conn.tx(), &Frame::Data(Stream::Stdin, Vec::new())).await?)
     }
 
     /// Sends a signal (to the process group on a PTY).
@@ -583,5 +692,47 @@ impl AppLogs {
             Frame::Data(s, _) => return Err(ClientError::Unexpected(format!("{s:?} data"))),
         };
         Ok(Some(event))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_endpoint_display_names_socket_and_cid() {
+        let uds = Endpoint::Uds(PathBuf::from("/run/vm/vsock.sock"));
+        let cid = Endpoint::Cid(7);
+
+        assert_eq!(uds.to_string(), "the vsock socket /run/vm/vsock.sock");
+        assert_eq!(cid.to_string(), "vsock CID 7");
+    }
+
+    #[test]
+    fn test_vsock_client_has_cid_endpoint_and_no_uds() {
+        let client = AgentClient::vsock(7);
+
+        assert_eq!(client.endpoint(), &Endpoint::Cid(7));
+        assert_eq!(client.uds(), None);
+    }
+
+    #[tokio::test]
+    async fn test_connect_raw_to_absent_cid_is_connect_error() {
+        // No guest has this context ID: the host either has no vsock at all, finds no VM with
+        // it, or (as a guest itself) never hears back; each is a failed connect, within the
+        // kernel's 2 s connect timeout.
+        let client = AgentClient::vsock(0xffff_fff0);
+
+        let result = tokio::time::timeout(Duration::from_secs(10), client.connect_raw(AGENT_PORT))
+            .await
+            .expect("connect returns");
+
+        assert!(matches!(
+            result,
+            Err(ClientError::Connect {
+                endpoint: Endpoint::Cid(0xffff_fff0),
+                ..
+            })
+        ));
     }
 }

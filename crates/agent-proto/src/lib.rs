@@ -11,7 +11,9 @@ pub mod client;
 pub mod frame;
 pub mod message;
 
-pub use client::{AgentClient, ClientError, ExecEvent, ExecSession, LogEvent, Output};
+pub use client::{
+    AgentClient, ClientError, Endpoint, ExecEvent, ExecSession, GuestStream, LogEvent, Output,
+};
 pub use message::*;
 
 /// The protocol version this crate speaks; the handshake rejects any other.

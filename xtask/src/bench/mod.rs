@@ -5,12 +5,16 @@
 //!
 //! `boot` (boot.rs): boot to userspace and the VMM's RSS overhead against QEMU `-M microvm`.
 //! `agent` (agent.rs): exec round trip and stdout throughput through `hearth-agent`.
+//! `snapshot` (snapshot.rs): restore to running and to the agent, suspend of a 2 GiB VM and
+//! the memory of 10 clones, against QEMU's migration to and from a file.
 
 mod agent;
 mod boot;
+mod snapshot;
 
 pub use agent::agent_in_kvm;
 pub use boot::boot_in_kvm;
+pub use snapshot::snapshot_in_kvm;
 
 use anyhow::Result;
 
@@ -24,6 +28,8 @@ pub enum Suite {
     Boot,
     /// Exec round trip and stdout throughput through the guest agent.
     Agent,
+    /// Restore, suspend and clone memory, against QEMU's migration to and from a file.
+    Snapshot,
 }
 
 /// The host side: build the release VMM and the assets, then run the suite where KVM is.
@@ -37,6 +43,15 @@ pub fn run(suite: Suite) -> Result<()> {
         ),
         Suite::Agent => testbed::run_xtask(
             "bench-agent-in-kvm",
+            &[
+                &assets.vmm,
+                &assets.kernel,
+                &assets.agent_initrd,
+                &assets.debian,
+            ],
+        ),
+        Suite::Snapshot => testbed::run_xtask(
+            "bench-snapshot-in-kvm",
             &[
                 &assets.vmm,
                 &assets.kernel,
