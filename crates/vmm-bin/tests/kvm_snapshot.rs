@@ -301,9 +301,16 @@ async fn test_suspend_resume_keeps_processes_files_listeners_and_fixes_clock() {
     )
     .await;
     let (pid, before) = wait_count_above(&agent, 2).await;
-    // The server is up before the suspend.
+    // The server is up before the suspend (a listening socket on 127.0.0.1:8000 in
+    // /proc/net/tcp: the minbase image has no `ss`).
     let start = Instant::now();
-    while sh(&agent, "ss -ltn | grep -c ':8000 ' || true").await != "1" {
+    while sh(
+        &agent,
+        "grep -c ':1F40 00000000:0000 0A' /proc/net/tcp || true",
+    )
+    .await
+        != "1"
+    {
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "the HTTP server never listened"
@@ -328,7 +335,14 @@ async fn test_suspend_resume_keeps_processes_files_listeners_and_fixes_clock() {
     assert!(after > before);
     assert_eq!(sh(&agent, "cat /tmp/file").await, "in-tmp");
     assert_eq!(sh(&agent, "cat /mnt/file").await, "on-disk");
-    assert_eq!(sh(&agent, "ss -ltn | grep -c ':8000 ' || true").await, "1");
+    assert_eq!(
+        sh(
+            &agent,
+            "grep -c ':1F40 00000000:0000 0A' /proc/net/tcp || true"
+        )
+        .await,
+        "1"
+    );
     let mut stream = agent
         .forward(8000)
         .await

@@ -410,6 +410,20 @@ pub fn restore(
     let mut vm = Vm::new(&kvm).map_err(|e| build(e.into()))?;
     vm.register_memory(&mem, true)
         .map_err(|e| build(e.into()))?;
+    // The irqchip and every vCPU (its LAPIC above all) are restored before any device can
+    // raise an interrupt: a restored device signals at once (vsock's transport reset), and an
+    // interrupt that reached a LAPIC before KVM_SET_LAPIC would be overwritten. The driver
+    // would then never see those used buffers, and with EVENT_IDX the device does not signal
+    // that queue again until the driver catches up: the queue would stall for good.
+    vm.restore_state(&state.vm)
+        .map_err(|e| failed("cannot restore the irqchip, PIT or clock", &e))?;
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in state.vcpus.iter().enumerate() {
+        let vcpu = Vcpu::new(&vm, index as u8).map_err(|e| build(e.into()))?;
+        vcpu.restore_state(saved)
+            .map_err(|e| failed("cannot restore a vCPU", &e))?;
+        vcpus.push(vcpu);
+    }
     let Legacy {
         pio,
         mut mmio,
@@ -417,8 +431,6 @@ pub fn restore(
         serial,
         boot_time,
     } = builder::legacy_devices(&config, &vm, state.serial.as_ref()).map_err(build)?;
-    vm.restore_state(&state.vm)
-        .map_err(|e| failed("cannot restore the irqchip, PIT or clock", &e))?;
 
     let mut devices = MmioDeviceManager::new();
     let virtio = builder::virtio_devices(&config).map_err(build)?;
@@ -438,13 +450,6 @@ pub fn restore(
             .map_err(|e| failed("cannot restore a virtio device", &e))?;
     }
 
-    let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for (index, saved) in state.vcpus.iter().enumerate() {
-        let vcpu = Vcpu::new(&vm, index as u8).map_err(|e| build(e.into()))?;
-        vcpu.restore_state(saved)
-            .map_err(|e| failed("cannot restore a vCPU", &e))?;
-        vcpus.push(vcpu);
-    }
     let shared = Arc::new(VcpuShared {
         pio,
         mmio,
