@@ -446,7 +446,7 @@ async fn test_five_clones_have_private_disks_and_random_streams() {
 
 #[tokio::test]
 #[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
-async fn test_corrupt_and_truncated_snapshots_are_rejected() {
+async fn test_corrupt_snapshots_are_rejected_and_working_sets_prefetched() {
     let scratch = Scratch::new("corrupt");
     let data = scratch.path("data.ext4");
     make_ext4(&data, 16);
@@ -508,5 +508,54 @@ async fn test_corrupt_and_truncated_snapshots_are_rejected() {
     // The good snapshot still restores.
     let (good, _) = Vmm::restore(&scratch, "good", &snap);
     wait_agent(&good).await;
+
+    // Its working set, recorded into the snapshot, is faulted in by the next restore.
+    let recorded = ok(request(
+        &good.api,
+        json!({"action": "record_working_set", "path": snap}),
+    ))["working_set_bytes"]
+        .as_u64()
+        .expect("working_set_bytes");
+    assert!(recorded > 0, "an empty working set");
     good.shutdown().await;
+    let warm = Vmm::spawn(&scratch, "warm");
+    let result = ok(request(
+        &warm.api,
+        json!({"action": "restore", "path": snap, "overrides": {
+            "vsock_uds_path": warm.vsock,
+            "drives": {"data": {"overlay": scratch.path("warm.overlay")}},
+        }}),
+    ));
+    eprintln!("restore with the working set: {result}");
+    assert_eq!(result["prefetched_bytes"], json!(recorded));
+    let agent = wait_agent(&warm).await;
+    assert_eq!(sh(&agent, "echo warm").await, "warm");
+    warm.shutdown().await;
+
+    // A damaged working set fails the restore with a clear error, and the VMM lives on.
+    let path = snap.join("workingset");
+    let mut bytes = std::fs::read(&path).expect("workingset");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, bytes).expect("write");
+    let mut vmm = Vmm::spawn(&scratch, "bad-workingset");
+    let response = request(
+        &vmm.api,
+        json!({"action": "restore", "path": snap, "overrides": {
+            "vsock_uds_path": vmm.vsock,
+            "drives": {"data": {"overlay": scratch.path("bad-workingset.overlay")}},
+        }}),
+    );
+    assert_eq!(
+        response["ok"],
+        json!(false),
+        "a damaged working set was accepted"
+    );
+    let message = response["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("workingset") && message.contains("checksum"),
+        "{message}"
+    );
+    ok(request(&vmm.api, json!({"action": "stop"})));
+    vmm.wait_exit();
 }

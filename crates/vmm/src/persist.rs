@@ -29,7 +29,7 @@ use crate::devices::virtio::block::overlay;
 use crate::devices::virtio::mmio::TransportState;
 use crate::fsutil;
 use crate::snapshot::{self, SnapshotError};
-use crate::vstate::memory::{self, PageRuns};
+use crate::vstate::memory::{self, GuestMemoryMmap, PageRuns};
 use crate::vstate::vcpu::{Vcpu, VcpuShared, VcpuState, VcpuThreads};
 use crate::vstate::vm::{Vm, VmState};
 
@@ -37,6 +37,8 @@ use crate::vstate::vm::{Vm, VmState};
 pub const STATE_FILE: &str = "vmstate";
 /// The memory (or diff) file's name in a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
+/// The recorded working set's file name in a snapshot directory (optional).
+pub const WORKING_SET_FILE: &str = "workingset";
 
 /// Why a snapshot could not be taken or restored.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +122,24 @@ pub struct SnapshotReport {
     pub memory_ms: f64,
     pub disks_ms: f64,
     pub total_ms: f64,
+}
+
+/// The pages a VM restored from a snapshot touched first, recorded into the snapshot's
+/// directory so later restores can fault them in ahead of the guest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkingSet {
+    /// The guest memory size the runs are for.
+    pub mib: u64,
+    /// Page runs in the memory file layout: (first page, pages).
+    pub runs: PageRuns,
+}
+
+/// What a restore did beyond building the VM, for the caller to report.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestoreReport {
+    /// Bytes of the recorded working set faulted in before the vCPUs ran.
+    pub prefetched_bytes: u64,
+    pub prefetch_ms: f64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -332,6 +352,69 @@ fn save_drives(config: &VmConfig, dir: &Path) -> Result<Vec<DriveState>, Persist
         .collect()
 }
 
+/// Records the working set of `vm`, which must have been restored from a snapshot, into
+/// `dir` (that snapshot's directory): the pages the VM has touched since its restore. Record
+/// it once the guest has done what later restores should be quick to do (the agent answered,
+/// the app listens). Returns the recorded bytes.
+pub fn record_working_set(vm: &MicroVm, dir: &Path) -> Result<u64, PersistError> {
+    if vm.memory_base.as_ref().is_none_or(|b| !b.mapped) {
+        return Err(request(
+            "action",
+            "only a VM restored from a snapshot has a working set",
+        ));
+    }
+    let state: MicrovmState = snapshot::read(&dir.join(STATE_FILE))?;
+    if state.memory.mib != vm.memory_mib {
+        return Err(request(
+            "path",
+            format!(
+                "the snapshot has {} MiB of memory, this VM {} MiB",
+                state.memory.mib, vm.memory_mib
+            ),
+        ));
+    }
+    let runs =
+        memory::working_set(&vm.mem).map_err(|e| failed("cannot read the working set", &e))?;
+    let bytes = runs
+        .iter()
+        .map(|&(_, pages)| pages * memory::PAGE_SIZE)
+        .sum();
+    snapshot::write(
+        &dir.join(WORKING_SET_FILE),
+        &WorkingSet {
+            mib: vm.memory_mib,
+            runs,
+        },
+    )?;
+    Ok(bytes)
+}
+
+/// Faults in the working set recorded in `dir`, if there is one.
+fn prefetch(dir: &Path, mem: &GuestMemoryMmap, mib: u64) -> Result<RestoreReport, PersistError> {
+    let path = dir.join(WORKING_SET_FILE);
+    if !path.exists() {
+        return Ok(RestoreReport::default());
+    }
+    let start = Instant::now();
+    let set: WorkingSet = snapshot::read(&path)?;
+    if set.mib != mib {
+        return Err(request(
+            "path",
+            format!(
+                "{}: the working set is for {} MiB of memory, the snapshot has {mib} MiB",
+                path.display(),
+                set.mib
+            ),
+        ));
+    }
+    let prefetched_bytes =
+        memory::prefetch(mem, &set.runs).map_err(|e| failed(&format!("{}", path.display()), &e))?;
+    Ok(RestoreReport {
+        prefetched_bytes,
+        prefetch_ms: ms(start.elapsed()),
+    })
+}
+
 /// What a restore may change from the snapshot's configuration: each clone needs its own
 /// vsock socket, its own writable disks and its own console.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -368,15 +451,18 @@ fn resolve(dir: &Path, path: &Path) -> PathBuf {
     }
 }
 
-/// Builds a fresh VM from the snapshot in `dir`, with its vCPUs parked if `paused`.
+/// Builds a fresh VM from the snapshot in `dir`, with its vCPUs parked if `paused`; with
+/// `prefetch`, the snapshot's recorded working set (if any) is faulted in first.
 pub fn restore(
     dir: &Path,
     overrides: &RestoreOverrides,
     paused: bool,
-) -> Result<MicroVm, PersistError> {
+    prefetch: bool,
+) -> Result<(MicroVm, RestoreReport), PersistError> {
     let start = Instant::now();
     let dir = absolute(dir)?;
     let state: MicrovmState = snapshot::read(&dir.join(STATE_FILE))?;
+    let read = start.elapsed();
     if state.vcpus.len() != usize::from(state.config.machine.vcpus) {
         return Err(request(
             "path",
@@ -407,6 +493,12 @@ pub fn restore(
         .map(|runs| (diff_path.as_path(), runs));
     let mem = memory::restore(state.memory.mib, &base, diff)
         .map_err(|e| failed("cannot map the snapshot memory", &e))?;
+    let report = if prefetch {
+        self::prefetch(&dir, &mem, state.memory.mib)?
+    } else {
+        RestoreReport::default()
+    };
+    let mapped = start.elapsed();
     let mut vm = Vm::new(&kvm).map_err(|e| build(e.into()))?;
     vm.register_memory(&mem, true)
         .map_err(|e| build(e.into()))?;
@@ -424,6 +516,7 @@ pub fn restore(
             .map_err(|e| failed("cannot restore a vCPU", &e))?;
         vcpus.push(vcpu);
     }
+    let cpus = start.elapsed();
     let Legacy {
         pio,
         mut mmio,
@@ -457,12 +550,22 @@ pub fn restore(
         exit: Mutex::new(None),
         metrics: Default::default(),
     });
+    let attached = start.elapsed();
     let threads = VcpuThreads::start(vcpus, shared.clone(), paused).map_err(|e| build(e.into()))?;
+    log::info!(
+        "restore: state read at {:.1} ms, memory mapped (and prefetched) at {:.1} ms, VM and vCPUs at {:.1} ms, \
+         devices at {:.1} ms, vCPUs started at {:.1} ms",
+        ms(read),
+        ms(mapped),
+        ms(cpus),
+        ms(attached),
+        ms(start.elapsed())
+    );
     let mut differing = memory::empty_bitmap(&mem);
     if let Some(runs) = &state.memory.diff {
         memory::mark_runs(&mem, &mut differing, runs);
     }
-    Ok(MicroVm {
+    let vm = MicroVm {
         mem,
         shared,
         boot_time,
@@ -480,7 +583,8 @@ pub fn restore(
         config,
         kvm,
         vm,
-    })
+    };
+    Ok((vm, report))
 }
 
 /// The snapshot's configuration with the overrides applied and the drives pointed at their

@@ -15,14 +15,18 @@
 //!
 //! Actions: `configure` (a `VmConfig`), `start`, `pause`, `resume`, `stop`, `describe`,
 //! `snapshot` (`path`, `kind`: `full` or `diff`, `stop`: end the VM once it is written, as a
-//! suspend does) and `restore` (`path`, `overrides`, `paused`), which takes the place of
-//! `configure` and `start`:
+//! suspend does), `restore` (`path`, `overrides`, `paused`, `prefetch`: fault in the
+//! snapshot's recorded working set first, default true), which takes the place of `configure`
+//! and `start`, and `record_working_set` (`path`: the snapshot directory the VM was restored
+//! from):
 //!
 //! ```text
 //! > {"version":1,"action":"snapshot","path":"/srv/snap/1","kind":"full"}
 //! < {"version":1,"ok":true,"result":{"state":"running","snapshot":{"memory_bytes":...}}}
 //! > {"version":1,"action":"restore","path":"/srv/snap/1","overrides":{"vsock_uds_path":"/run/c1.sock"}}
-//! < {"version":1,"ok":true,"result":{"state":"running","restore_ms":4.1}}
+//! < {"version":1,"ok":true,"result":{"state":"running","restore_ms":4.1,...}}
+//! > {"version":1,"action":"record_working_set","path":"/srv/snap/1"}
+//! < {"version":1,"ok":true,"result":{"state":"running","working_set_bytes":9437184}}
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -66,7 +70,16 @@ pub enum Action {
         overrides: RestoreOverrides,
         #[serde(default)]
         paused: bool,
+        #[serde(default = "yes")]
+        prefetch: bool,
     },
+    RecordWorkingSet {
+        path: PathBuf,
+    },
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn full() -> SnapshotKind {
@@ -173,7 +186,9 @@ impl Controller {
                 path,
                 overrides,
                 paused,
-            } => self.restore(&path, &overrides, paused),
+                prefetch,
+            } => self.restore(&path, &overrides, paused, prefetch),
+            Action::RecordWorkingSet { path } => self.record_working_set(&path),
         }
     }
 
@@ -222,11 +237,13 @@ impl Controller {
         dir: &Path,
         overrides: &RestoreOverrides,
         paused: bool,
+        prefetch: bool,
     ) -> Result<Value, RpcError> {
         if !matches!(self.state, VmState::NotConfigured | VmState::Configured) {
             return Err(RpcError::new("the VM has already started"));
         }
-        let vm = persist::restore(dir, overrides, paused).map_err(persist_error)?;
+        let (vm, report) =
+            persist::restore(dir, overrides, paused, prefetch).map_err(persist_error)?;
         let restore_ms = vm.restore_time.map(|d| d.as_secs_f64() * 1000.0);
         self.config = Some(vm.config.clone());
         self.vm = Some(vm);
@@ -235,7 +252,22 @@ impl Controller {
         } else {
             VmState::Running
         };
-        Ok(json!({"state": self.state, "restore_ms": restore_ms}))
+        Ok(json!({
+            "state": self.state,
+            "restore_ms": restore_ms,
+            "prefetched_bytes": report.prefetched_bytes,
+            "prefetch_ms": report.prefetch_ms,
+        }))
+    }
+
+    /// Records the working set of this restored VM into the snapshot directory `dir`.
+    pub fn record_working_set(&mut self, dir: &Path) -> Result<Value, RpcError> {
+        let vm = match (&self.state, &self.vm) {
+            (VmState::Running | VmState::Paused, Some(vm)) => vm,
+            _ => return Err(RpcError::new("the VM is not running")),
+        };
+        let bytes = persist::record_working_set(vm, dir).map_err(persist_error)?;
+        Ok(json!({"state": self.state, "working_set_bytes": bytes}))
     }
 
     /// Takes a configuration (JSON text); only before the VM starts.

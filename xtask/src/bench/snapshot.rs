@@ -404,19 +404,26 @@ impl Suite<'_> {
             .qemu_image(BASE_MIB, &qemu_image)
             .await
             .context("qemu: making the image")?;
+        self.hearth_record_working_set(&hearth_image)
+            .await
+            .context("hearth: recording the working set")?;
         let mut hearth = Vec::new();
+        let mut hearth_lazy = Vec::new();
         let mut qemu = Vec::new();
         for run in 0..RESTORE_RUNS {
-            let h = self.hearth_restore_run(&hearth_image).await;
+            let l = self.hearth_restore_run(&hearth_image, false).await;
+            let l = l.with_context(|| format!("hearth: restore run {run} without prefetch"))?;
+            let h = self.hearth_restore_run(&hearth_image, true).await;
             let h = h.with_context(|| format!("hearth: restore run {run}"))?;
             let q = self.qemu_restore_run(&qemu_image, image_cid).await;
             let q = q.with_context(|| format!("qemu: restore run {run}"))?;
             eprintln!(
-                "bench: restore run {run}: hearth running {:.1} ms, agent {:.1} ms; \
-                 qemu running {:.1} ms, agent {:.1} ms",
-                h.running_ms, h.agent_ms, q.running_ms, q.agent_ms
+                "bench: restore run {run}: hearth running {:.1} ms, agent {:.1} ms \
+                 (without prefetch {:.1} ms, {:.1} ms); qemu running {:.1} ms, agent {:.1} ms",
+                h.running_ms, h.agent_ms, l.running_ms, l.agent_ms, q.running_ms, q.agent_ms
             );
             hearth.push(h);
+            hearth_lazy.push(l);
             qemu.push(q);
         }
         print_figure(
@@ -429,6 +436,12 @@ impl Suite<'_> {
             "restore_to_agent_ms",
             median(hearth.iter().map(|r| r.agent_ms)),
             Some(median(qemu.iter().map(|r| r.agent_ms))),
+            "ms",
+        );
+        print_figure(
+            "restore_to_agent_no_prefetch_ms",
+            median(hearth_lazy.iter().map(|r| r.agent_ms)),
+            None,
             "ms",
         );
 
@@ -524,6 +537,13 @@ impl Suite<'_> {
     /// returns once the restore is answered, with the VMM's own `restore_ms`.
     fn hearth_restore(&self, snapshot: &Path) -> Result<(HearthVm, f64)> {
         let vm = self.hearth_spawn()?;
+        let result = self.hearth_restore_in(&vm, snapshot, true)?;
+        Ok((vm, result["restore_ms"].as_f64().unwrap_or(f64::NAN)))
+    }
+
+    /// Restores `snapshot` into the spawned `vm`, faulting in its recorded working set first
+    /// if `prefetch`; the VMM's answer.
+    fn hearth_restore_in(&self, vm: &HearthVm, snapshot: &Path, prefetch: bool) -> Result<Value> {
         let result = vm.call(
             json!({
                 "action": "restore",
@@ -532,22 +552,50 @@ impl Suite<'_> {
                     "vsock_uds_path": vm.vsock(),
                     "serial": {"output": "file", "path": vm.console()},
                 },
+                "prefetch": prefetch,
             }),
             RPC_TIMEOUT,
         )?;
         if result["state"] != json!("running") {
             bail!("{}: restored into {result}", vm.0.name);
         }
-        Ok((vm, result["restore_ms"].as_f64().unwrap_or(f64::NAN)))
+        Ok(result)
     }
 
-    async fn hearth_restore_run(&self, snapshot: &Path) -> Result<Restore> {
+    /// Restores the image once, lets its agent answer and run `true`, and records the pages
+    /// that took into the image as its working set, as an image pipeline would (untimed).
+    async fn hearth_record_working_set(&self, snapshot: &Path) -> Result<()> {
+        let vm = self.hearth_spawn()?;
+        self.hearth_restore_in(&vm, snapshot, false)?;
+        let agent = vm.agent();
+        wait_agent(&agent, RESTORE_TIMEOUT, &vm.0).await?;
+        exec(&agent, &["true"], &vm.0).await?;
+        let result = vm.call(
+            json!({"action": "record_working_set", "path": snapshot}),
+            RPC_TIMEOUT,
+        )?;
+        let bytes = result["working_set_bytes"].as_f64().unwrap_or(f64::NAN);
+        eprintln!(
+            "bench: the image's working set is {:.1} MiB",
+            bytes / f64::from(1 << 20)
+        );
+        Ok(())
+    }
+
+    async fn hearth_restore_run(&self, snapshot: &Path, prefetch: bool) -> Result<Restore> {
         let start = Instant::now();
-        let (vm, restore_ms) = self.hearth_restore(snapshot)?;
+        let vm = self.hearth_spawn()?;
+        let spawned = start.elapsed();
+        let result = self.hearth_restore_in(&vm, snapshot, prefetch)?;
         let running = start.elapsed();
         wait_agent(&vm.agent(), RESTORE_TIMEOUT, &vm.0).await?;
         let agent = start.elapsed();
-        eprintln!("bench: hearth-vmm reports restore_ms {restore_ms:.1}");
+        eprintln!(
+            "bench: hearth-vmm (prefetch {prefetch}) answered its socket after {:.1} ms, \
+             reports {}",
+            ms(spawned),
+            result
+        );
         Ok(Restore {
             running_ms: ms(running),
             agent_ms: ms(agent),

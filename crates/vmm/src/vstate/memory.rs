@@ -205,28 +205,103 @@ pub fn write_full(mem: &GuestMemoryMmap, path: &Path) -> Result<u64, MemoryError
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     file.set_len(total)
         .map_err(file_err("cannot size the memory file", path))?;
-    let pagemap = File::open("/proc/self/pagemap")
-        .map_err(file_err("cannot read", Path::new("/proc/self/pagemap")))?;
+    let pagemap = Pagemap::open()?;
     let mut written = 0u64;
     for (host, offset, size) in file_layout(mem) {
-        let pages = size / PAGE_SIZE;
-        let mut entries = vec![0u8; (pages * 8) as usize];
-        pagemap
-            .read_exact_at(&mut entries, (host as u64 / PAGE_SIZE) * 8)
-            .map_err(file_err("cannot read", Path::new("/proc/self/pagemap")))?;
-        let held = |page: u64| {
-            let i = (page * 8) as usize;
-            let entry = u64::from_le_bytes(entries[i..i + 8].try_into().unwrap_or_default());
-            // Bit 63: present in RAM; bit 62: swapped out.
-            entry & (3 << 62) != 0
-        };
-        for (first, count) in runs_of(pages, held) {
+        for (first, count) in pagemap.held_runs(host, size / PAGE_SIZE)? {
             written += write_run(&file, path, host, offset, first, count)?;
         }
     }
     file.sync_all()
         .map_err(file_err("cannot sync the memory file", path))?;
     Ok(written)
+}
+
+/// This process's page table, as /proc/self/pagemap shows it.
+struct Pagemap(File);
+
+impl Pagemap {
+    const PATH: &'static str = "/proc/self/pagemap";
+
+    fn open() -> Result<Self, MemoryError> {
+        File::open(Self::PATH)
+            .map(Self)
+            .map_err(file_err("cannot read", Path::new(Self::PATH)))
+    }
+
+    /// The runs of pages among the `pages` pages mapped at `host` that the host holds for
+    /// this mapping (present in RAM or swapped out), as page indexes from `host`.
+    fn held_runs(&self, host: *mut u8, pages: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
+        let mut entries = vec![0u8; (pages * 8) as usize];
+        self.0
+            .read_exact_at(&mut entries, (host as u64 / PAGE_SIZE) * 8)
+            .map_err(file_err("cannot read", Path::new(Self::PATH)))?;
+        let held = |page: u64| {
+            let i = (page * 8) as usize;
+            let entry = u64::from_le_bytes(entries[i..i + 8].try_into().unwrap_or_default());
+            // Bit 63: present in RAM; bit 62: swapped out.
+            entry & (3 << 62) != 0
+        };
+        Ok(runs_of(pages, held))
+    }
+}
+
+/// The working set of a restored VM: the pages of its memory file layout that its mappings
+/// hold, which (the mappings being MAP_PRIVATE of files, so faulted in on first use) are the
+/// pages the guest or the devices have touched since the restore.
+pub fn working_set(mem: &GuestMemoryMmap) -> Result<PageRuns, MemoryError> {
+    let pagemap = Pagemap::open()?;
+    let mut runs = Vec::new();
+    for (host, offset, size) in file_layout(mem) {
+        for (first, count) in pagemap.held_runs(host, size / PAGE_SIZE)? {
+            runs.push((offset / PAGE_SIZE + first, count));
+        }
+    }
+    Ok(runs)
+}
+
+/// Faults the pages of `runs` (memory file layout) into the mappings of `mem` ahead of the
+/// guest (`MADV_POPULATE_READ`; `MADV_WILLNEED`, which only reads ahead, on kernels before
+/// 5.14), so the guest's first touch of each finds it mapped. Runs outside `mem` are an error.
+/// Returns the bytes prefetched.
+pub fn prefetch(mem: &GuestMemoryMmap, runs: &PageRuns) -> Result<u64, MemoryError> {
+    let layout = file_layout(mem);
+    let mut bytes = 0u64;
+    let mut advice = libc::MADV_POPULATE_READ;
+    for &(first, pages) in runs {
+        let bad_run = || MemoryError::Run { first, pages };
+        let start = first.checked_mul(PAGE_SIZE).ok_or_else(bad_run)?;
+        let len = pages.checked_mul(PAGE_SIZE).ok_or_else(bad_run)?;
+        let end = start.checked_add(len).ok_or_else(bad_run)?;
+        let &(host, offset, _) = layout
+            .iter()
+            .find(|&&(_, offset, size)| start >= offset && end <= offset + size)
+            .ok_or_else(bad_run)?;
+        let addr = host.wrapping_add((start - offset) as usize);
+        // SAFETY: `start..end` lies inside one region (checked above), so `addr..addr + len`
+        // is that region's own mapping, alive while `mem` is borrowed. Populating or reading
+        // ahead a private file mapping changes no byte of it.
+        let mut rc = unsafe { libc::madvise(addr.cast(), len as usize, advice) };
+        if rc != 0
+            && advice == libc::MADV_POPULATE_READ
+            && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL)
+        {
+            advice = libc::MADV_WILLNEED;
+            // SAFETY: as above.
+            rc = unsafe { libc::madvise(addr.cast(), len as usize, advice) };
+        }
+        if rc != 0 {
+            return Err(MemoryError::Map {
+                mib: mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
+                detail: format!(
+                    "prefetching pages {first}+{pages}: {}",
+                    io::Error::last_os_error()
+                ),
+            });
+        }
+        bytes += len;
+    }
+    Ok(bytes)
 }
 
 /// Writes the pages set in `pages` (one bitmap per region) at their offsets in the memory file
@@ -396,5 +471,85 @@ mod tests {
         }
 
         assert!(resident_bytes(&mem) >= before + 16 * 4096);
+    }
+
+    /// A memory file of `MIN_MEM_MIB` holding `value` in page `page`, mapped as a restore does.
+    fn restored(dir: &Path, page: u64, value: u8) -> GuestMemoryMmap {
+        let path = dir.join("memory");
+        let file = File::create(&path).expect("memory file");
+        file.set_len(MIN_MEM_MIB << 20).expect("size");
+        file.write_all_at(&[value], page * PAGE_SIZE)
+            .expect("write");
+        restore(MIN_MEM_MIB, &path, None).expect("restore")
+    }
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("hearth-mem-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch");
+        dir
+    }
+
+    #[test]
+    fn test_working_set_is_the_pages_touched_since_restore() {
+        let dir = scratch("ws");
+        let mem = restored(&dir, 300, 7);
+
+        assert_eq!(working_set(&mem).expect("working set"), vec![]);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(300 * PAGE_SIZE))
+                .expect("read"),
+            7
+        );
+        for page in 10..13 {
+            mem.write_obj(1u8, GuestAddress(page * PAGE_SIZE))
+                .expect("write");
+        }
+
+        assert_eq!(
+            working_set(&mem).expect("working set"),
+            vec![(10, 3), (300, 1)]
+        );
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn test_prefetch_maps_the_runs_without_changing_them() {
+        let dir = scratch("prefetch");
+        let mem = restored(&dir, 301, 9);
+
+        let bytes = prefetch(&mem, &vec![(300, 4), (1000, 1)]).expect("prefetch");
+
+        assert_eq!(bytes, 5 * PAGE_SIZE);
+        // The kernel maps the page cache around a read fault (fault-around), so the set may
+        // hold more than the runs, never less.
+        let held = working_set(&mem).expect("working set");
+        let holds = |page: u64| held.iter().any(|&(f, n)| (f..f + n).contains(&page));
+        assert!((300..304).chain([1000]).all(holds), "{held:?}");
+        assert!(!holds(5000), "{held:?}");
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(301 * PAGE_SIZE))
+                .expect("read"),
+            9
+        );
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn test_prefetch_rejects_runs_outside_memory() {
+        let dir = scratch("prefetch-bad");
+        let mem = restored(&dir, 0, 1);
+        let pages = (MIN_MEM_MIB << 20) / PAGE_SIZE;
+
+        for runs in [
+            vec![(pages - 1, 2)],
+            vec![(u64::MAX, 1)],
+            vec![(0, u64::MAX)],
+        ] {
+            assert!(matches!(
+                prefetch(&mem, &runs),
+                Err(MemoryError::Run { .. })
+            ));
+        }
+        std::fs::remove_dir_all(dir).expect("cleanup");
     }
 }
