@@ -5,38 +5,12 @@
 //! The guest is the busybox test image: its init runs the command after `--` on the kernel
 //! command line, prints `hearth-init: exit status N` and resets the machine through the i8042.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-fn asset(var: &str) -> PathBuf {
-    PathBuf::from(
-        std::env::var_os(var).unwrap_or_else(|| panic!("{var} is not set: run `cargo xtask test`")),
-    )
-}
-
-/// A scratch directory for one test, removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("hearth-kvm-boot-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+mod common;
+use common::{asset, request, Scratch};
 
 struct Boot {
     output: Output,
@@ -132,7 +106,7 @@ fn make_ext4(path: &Path, mib: u64) {
 #[test]
 #[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
 fn test_boot_writes_file_to_second_disk_host_reads_it() {
-    let scratch = Scratch::new("disk");
+    let scratch = Scratch::new("kvm-boot", "disk");
     let data = scratch.path("data.ext4");
     make_ext4(&data, 16);
     let drives = serde_json::json!([{"id": "data", "path": data}]);
@@ -161,7 +135,7 @@ fn test_boot_writes_file_to_second_disk_host_reads_it() {
 #[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
 fn test_boot_nproc_matches_vcpus() {
     for vcpus in [1u8, 2, 4] {
-        let scratch = Scratch::new(&format!("nproc{vcpus}"));
+        let scratch = Scratch::new("kvm-boot", &format!("nproc{vcpus}"));
 
         let boot = boot(
             &scratch,
@@ -183,7 +157,7 @@ fn test_boot_nproc_matches_vcpus() {
 #[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
 fn test_boot_memory_shows_in_meminfo() {
     for mib in [128u64, 2048] {
-        let scratch = Scratch::new(&format!("mem{mib}"));
+        let scratch = Scratch::new("kvm-boot", &format!("mem{mib}"));
 
         let boot = boot(
             &scratch,
@@ -209,7 +183,7 @@ fn test_boot_memory_shows_in_meminfo() {
 #[test]
 #[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
 fn test_boot_read_only_disk_rejects_writes() {
-    let scratch = Scratch::new("ro");
+    let scratch = Scratch::new("kvm-boot", "ro");
     let data = scratch.path("ro.img");
     std::fs::write(&data, vec![0u8; 1 << 20]).expect("image");
     let drives = serde_json::json!([{"id": "ro", "path": data, "read_only": true}]);
@@ -230,20 +204,6 @@ fn test_boot_read_only_disk_rejects_writes() {
     );
 }
 
-/// Sends one request line on the control socket and returns the parsed response.
-fn request(sock: &Path, line: &str) -> serde_json::Value {
-    use std::io::{BufRead, BufReader, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(sock).expect("connect control socket");
-    stream
-        .write_all(format!("{line}\n").as_bytes())
-        .expect("send");
-    let mut response = String::new();
-    BufReader::new(stream)
-        .read_line(&mut response)
-        .expect("receive");
-    serde_json::from_str(&response).expect("response is JSON")
-}
-
 fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
     while !ready() {
@@ -255,7 +215,7 @@ fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
 #[test]
 #[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
 fn test_control_socket_configure_start_describe_pause_resume_stop() {
-    let scratch = Scratch::new("ctl");
+    let scratch = Scratch::new("kvm-boot", "ctl");
     let sock = scratch.path("ctl.sock");
     let console = scratch.path("console.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_hearth-vmm"))
@@ -342,7 +302,7 @@ c.close()
 #[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
 fn test_vsock_echo_guest_to_host_and_host_to_guest() {
     use std::io::{BufRead, BufReader, Read, Write};
-    let scratch = Scratch::new("vsock");
+    let scratch = Scratch::new("kvm-boot", "vsock");
     let uds = scratch.path("v.sock");
     let host_listener =
         std::os::unix::net::UnixListener::bind(format!("{}_7000", uds.display())).expect("bind");
@@ -437,7 +397,7 @@ fn run_to_exit(child: &mut std::process::Child, timeout: Duration) -> std::proce
 #[test]
 #[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
 fn test_boot_bzimage_with_initrd() {
-    let scratch = Scratch::new("bzimage");
+    let scratch = Scratch::new("kvm-boot", "bzimage");
     let root = scratch.path("initrd-root");
     std::fs::create_dir_all(root.join("bin")).expect("initrd dirs");
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox (busybox-static)");

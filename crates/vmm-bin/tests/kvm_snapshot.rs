@@ -5,7 +5,6 @@
 //! (read-only root) and a small ext4 data disk attached copy-on-write (`overlay`). The tests
 //! drive the VMM through its control socket and the guest through the agent over vsock.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -13,51 +12,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use agent_proto::{AgentClient, RestoreInfo};
 use serde_json::{json, Value};
 
+mod common;
+use common::{asset, Scratch};
+
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn asset(var: &str) -> PathBuf {
-    PathBuf::from(
-        std::env::var_os(var).unwrap_or_else(|| panic!("{var} is not set: run `cargo xtask test`")),
-    )
-}
-
-/// A scratch directory for one test, removed at the end.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("hearth-kvm-snap-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Self(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Sends one request line on the control socket and returns the parsed response.
+/// Sends one request, with the protocol version added, and returns the parsed response.
 fn request(sock: &Path, body: Value) -> Value {
     let mut line = body;
     line["version"] = json!(1);
-    let mut stream = std::os::unix::net::UnixStream::connect(sock).expect("connect control socket");
-    stream
-        .write_all(format!("{line}\n").as_bytes())
-        .expect("send");
-    let mut response = String::new();
-    BufReader::new(stream)
-        .read_line(&mut response)
-        .expect("receive");
-    serde_json::from_str(&response).expect("response is JSON")
+    common::request(sock, &line.to_string())
 }
 
 fn ok(response: Value) -> Value {
@@ -287,7 +252,7 @@ async fn wait_count_above(agent: &AgentClient, above: u64) -> (u32, u64) {
 #[tokio::test]
 #[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
 async fn test_suspend_resume_keeps_processes_files_listeners_and_fixes_clock() {
-    let scratch = Scratch::new("suspend");
+    let scratch = Scratch::new("kvm-snap", "suspend");
     let data = scratch.path("data.ext4");
     make_ext4(&data, 64);
     let mut vm = Vmm::boot(&scratch, "origin", &data);
@@ -372,7 +337,7 @@ async fn test_suspend_resume_keeps_processes_files_listeners_and_fixes_clock() {
 #[tokio::test]
 #[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
 async fn test_five_clones_have_private_disks_and_random_streams() {
-    let scratch = Scratch::new("clones");
+    let scratch = Scratch::new("kvm-snap", "clones");
     let data = scratch.path("data.ext4");
     make_ext4(&data, 64);
     let base_before = std::fs::read(&data).expect("base");
@@ -447,7 +412,7 @@ async fn test_five_clones_have_private_disks_and_random_streams() {
 #[tokio::test]
 #[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
 async fn test_corrupt_snapshots_are_rejected_and_working_sets_prefetched() {
-    let scratch = Scratch::new("corrupt");
+    let scratch = Scratch::new("kvm-snap", "corrupt");
     let data = scratch.path("data.ext4");
     make_ext4(&data, 16);
     let mut vm = Vmm::boot(&scratch, "origin", &data);

@@ -211,6 +211,23 @@ pub(crate) struct Legacy {
     pub boot_time: BootTime,
 }
 
+impl Legacy {
+    /// The buses and exit event the vCPU threads share, once every device is on them; the
+    /// serial port and boot timer the VM keeps.
+    pub(crate) fn into_shared(
+        self,
+    ) -> (Arc<VcpuShared>, Option<Arc<Mutex<SerialDevice>>>, BootTime) {
+        let shared = Arc::new(VcpuShared {
+            pio: self.pio,
+            mmio: self.mmio,
+            exit_evt: self.exit_evt,
+            exit: Mutex::new(None),
+            metrics: Default::default(),
+        });
+        (shared, self.serial, self.boot_time)
+    }
+}
+
 /// Creates the serial port (its registers from `serial_state` for a restore), the i8042 and
 /// the boot timer.
 pub(crate) fn legacy_devices(
@@ -264,17 +281,10 @@ pub fn build_and_start(config: &VmConfig) -> Result<MicroVm, BuildError> {
     let mem = memory::create(config.machine.memory_mib)?;
     let mut vm = Vm::new(&kvm)?;
     vm.register_memory(&mem, config.machine.track_dirty_pages)?;
-    let Legacy {
-        pio,
-        mut mmio,
-        exit_evt,
-        serial,
-        boot_time,
-    } = legacy_devices(config, &vm, None)?;
-
+    let mut legacy = legacy_devices(config, &vm, None)?;
     let mut devices = MmioDeviceManager::new();
     for device in virtio_devices(config)? {
-        devices.attach(&vm, &mut mmio, &mem, device, None)?;
+        devices.attach(&vm, &mut legacy.mmio, &mem, device, None)?;
     }
 
     let cmdline = kernel_cmdline(config, &devices);
@@ -297,13 +307,7 @@ pub fn build_and_start(config: &VmConfig) -> Result<MicroVm, BuildError> {
         vcpu.configure(&supported, count, &mem, (index == 0).then_some(&entry))?;
         vcpus.push(vcpu);
     }
-    let shared = Arc::new(VcpuShared {
-        pio,
-        mmio,
-        exit_evt,
-        exit: Mutex::new(None),
-        metrics: Default::default(),
-    });
+    let (shared, serial, boot_time) = legacy.into_shared();
     boot_time.start();
     let threads = VcpuThreads::start(vcpus, shared.clone(), false)?;
     Ok(MicroVm {

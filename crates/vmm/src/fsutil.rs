@@ -1,11 +1,15 @@
-//! File helpers snapshots share: a sparse-aware copy that moves only a file's data extents,
+//! File helpers snapshots and overlays share: a sparse-aware copy that moves only a file's data extents,
 //! with `copy_file_range(2)` (which shares extents on filesystems with reflinks, and copies
 //! in the kernel elsewhere), so holes stay holes.
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+
+/// The buffer of a copy through memory.
+const COPY_BUF: usize = 1 << 20;
 
 /// The next data extent at or after `offset`: `(start, end)`, or None past the last one.
 fn next_extent(file: &File, offset: u64, len: u64) -> io::Result<Option<(u64, u64)>> {
@@ -37,38 +41,8 @@ pub fn copy_extents(src: &File, dst: &File) -> io::Result<u64> {
         let Some((start, end)) = next_extent(src, offset, len)? else {
             break;
         };
-        let mut at = start;
-        while at < end {
-            let mut off_in = at as libc::loff_t;
-            let mut off_out = at as libc::loff_t;
-            // SAFETY: both descriptors are open files we own; the offsets are ours and the
-            // kernel only updates them.
-            let n = unsafe {
-                libc::copy_file_range(
-                    src.as_raw_fd(),
-                    &mut off_in,
-                    dst.as_raw_fd(),
-                    &mut off_out,
-                    (end - at) as usize,
-                    0,
-                )
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the source file shrank during the copy",
-                ));
-            }
-            at += n as u64;
-            copied += n as u64;
-        }
+        copy_range(src, dst, start, end - start)?;
+        copied += end - start;
         offset = end;
     }
     Ok(copied)
@@ -82,6 +56,65 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<u64> {
     let copied = copy_extents(&from, &to)?;
     to.sync_all()?;
     Ok(copied)
+}
+
+/// Copies `len` bytes at `offset` from `src` to the same offset in `dst`, with
+/// `copy_file_range(2)`, or through memory where that cannot work (across filesystems on
+/// older kernels, or a filesystem without it). A source shorter than `offset + len` is an
+/// `UnexpectedEof` error.
+pub fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let mut off_in = libc::loff_t::try_from(offset + done)
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut off_out = off_in;
+        let want = usize::try_from(len - done).unwrap_or(usize::MAX);
+        // SAFETY: both descriptors stay open for the call, borrowed from `src` and `dst`; the
+        // kernel reads and updates only the two offsets, locals of this frame.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        match u64::try_from(n) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    // Across filesystems on older kernels, or where the filesystem has no
+                    // copy_file_range: copy through memory.
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
+                        return copy_buffered(src, dst, offset + done, len - done)
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The slow path of [`copy_range`].
+fn copy_buffered(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(COPY_BUF).min(COPY_BUF)];
+    let mut done = 0u64;
+    while done < len {
+        let n = buf
+            .len()
+            .min(usize::try_from(len - done).unwrap_or(usize::MAX));
+        let chunk = &mut buf[..n];
+        src.read_exact_at(chunk, offset + done)?;
+        dst.write_all_at(chunk, offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

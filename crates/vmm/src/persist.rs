@@ -15,13 +15,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 
-use crate::builder::{self, error_chain, BuildError, Legacy, MemoryBase, MicroVm};
+use crate::builder::{self, error_chain, BuildError, MemoryBase, MicroVm};
 use crate::config::{DriveConfig, SerialConfig, VmConfig};
 use crate::device_manager::MmioDeviceManager;
 use crate::devices::legacy::serial::SerialState;
@@ -30,7 +29,7 @@ use crate::devices::virtio::mmio::TransportState;
 use crate::fsutil;
 use crate::snapshot::{self, SnapshotError};
 use crate::vstate::memory::{self, GuestMemoryMmap, PageRuns};
-use crate::vstate::vcpu::{Vcpu, VcpuShared, VcpuState, VcpuThreads};
+use crate::vstate::vcpu::{Vcpu, VcpuState, VcpuThreads};
 use crate::vstate::vm::{Vm, VmState};
 
 /// The state file's name in a snapshot directory.
@@ -517,13 +516,7 @@ pub fn restore(
         vcpus.push(vcpu);
     }
     let cpus = start.elapsed();
-    let Legacy {
-        pio,
-        mut mmio,
-        exit_evt,
-        serial,
-        boot_time,
-    } = builder::legacy_devices(&config, &vm, state.serial.as_ref()).map_err(build)?;
+    let mut legacy = builder::legacy_devices(&config, &vm, state.serial.as_ref()).map_err(build)?;
 
     let mut devices = MmioDeviceManager::new();
     let virtio = builder::virtio_devices(&config).map_err(build)?;
@@ -539,17 +532,11 @@ pub fn restore(
     }
     for (device, saved) in virtio.into_iter().zip(&state.devices) {
         devices
-            .attach(&vm, &mut mmio, &mem, device, Some(saved))
+            .attach(&vm, &mut legacy.mmio, &mem, device, Some(saved))
             .map_err(|e| failed("cannot restore a virtio device", &e))?;
     }
 
-    let shared = Arc::new(VcpuShared {
-        pio,
-        mmio,
-        exit_evt,
-        exit: Mutex::new(None),
-        metrics: Default::default(),
-    });
+    let (shared, serial, boot_time) = legacy.into_shared();
     let attached = start.elapsed();
     let threads = VcpuThreads::start(vcpus, shared.clone(), paused).map_err(|e| build(e.into()))?;
     log::info!(

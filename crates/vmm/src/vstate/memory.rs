@@ -158,27 +158,38 @@ fn file_layout(mem: &GuestMemoryMmap) -> Vec<(*mut u8, u64, u64)> {
         .collect()
 }
 
+/// Where the run of `pages` pages from page `first` of the memory file layout is mapped:
+/// `(host address, file offset, bytes)`. A run must lie inside one region (writers split runs
+/// at region ends); anything else, or an overflow, is [`MemoryError::Run`].
+fn locate_run(
+    layout: &[(*mut u8, u64, u64)],
+    first: u64,
+    pages: u64,
+) -> Result<(*mut u8, u64, u64), MemoryError> {
+    let bad_run = || MemoryError::Run { first, pages };
+    let start = first.checked_mul(PAGE_SIZE).ok_or_else(bad_run)?;
+    let len = pages.checked_mul(PAGE_SIZE).ok_or_else(bad_run)?;
+    let end = start.checked_add(len).ok_or_else(bad_run)?;
+    let &(host, offset, _) = layout
+        .iter()
+        .find(|&&(_, offset, size)| start >= offset && end <= offset + size)
+        .ok_or_else(bad_run)?;
+    Ok((host.wrapping_add((start - offset) as usize), start, len))
+}
+
 /// Maps the pages of `runs` from the diff file at `path` over `mem` (MAP_FIXED|MAP_PRIVATE).
 fn map_diff(mem: &GuestMemoryMmap, path: &Path, runs: &PageRuns) -> Result<(), MemoryError> {
     let file = File::open(path).map_err(file_err("cannot open the diff file", path))?;
     let layout = file_layout(mem);
     for &(first, pages) in runs {
-        let bad_run = || MemoryError::Run { first, pages };
-        let start = first.checked_mul(PAGE_SIZE).ok_or_else(bad_run)?;
-        let len = pages.checked_mul(PAGE_SIZE).ok_or_else(bad_run)?;
-        let end = start.checked_add(len).ok_or_else(bad_run)?;
-        // A run never crosses regions: the writer splits runs at region ends.
-        let &(host, offset, _) = layout
-            .iter()
-            .find(|(_, offset, size)| start >= *offset && end <= offset + size)
-            .ok_or_else(bad_run)?;
-        // SAFETY: `host + (start - offset) .. + len` lies inside one region's own mapping (checked
-        // just above), which `mem` keeps alive; MAP_FIXED replaces those pages of that mapping
-        // with a private mapping of the same size, so no other memory is touched and the guest
-        // memory stays a valid read-write mapping.
+        let (host, start, len) = locate_run(&layout, first, pages)?;
+        // SAFETY: `host..host + len` lies inside one region's own mapping (`locate_run`),
+        // which `mem` keeps alive; MAP_FIXED replaces those pages of that mapping with a
+        // private mapping of the same size, so no other memory is touched and the guest memory
+        // stays a valid read-write mapping.
         let addr = unsafe {
             libc::mmap(
-                host.add((start - offset) as usize).cast(),
+                host.cast(),
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
@@ -269,17 +280,9 @@ pub fn prefetch(mem: &GuestMemoryMmap, runs: &PageRuns) -> Result<u64, MemoryErr
     let mut bytes = 0u64;
     let mut advice = libc::MADV_POPULATE_READ;
     for &(first, pages) in runs {
-        let bad_run = || MemoryError::Run { first, pages };
-        let start = first.checked_mul(PAGE_SIZE).ok_or_else(bad_run)?;
-        let len = pages.checked_mul(PAGE_SIZE).ok_or_else(bad_run)?;
-        let end = start.checked_add(len).ok_or_else(bad_run)?;
-        let &(host, offset, _) = layout
-            .iter()
-            .find(|&&(_, offset, size)| start >= offset && end <= offset + size)
-            .ok_or_else(bad_run)?;
-        let addr = host.wrapping_add((start - offset) as usize);
-        // SAFETY: `start..end` lies inside one region (checked above), so `addr..addr + len`
-        // is that region's own mapping, alive while `mem` is borrowed. Populating or reading
+        let (addr, _, len) = locate_run(&layout, first, pages)?;
+        // SAFETY: `addr..addr + len` lies inside one region (`locate_run`), so it is that
+        // region's own mapping, alive while `mem` is borrowed. Populating or reading
         // ahead a private file mapping changes no byte of it.
         let mut rc = unsafe { libc::madvise(addr.cast(), len as usize, advice) };
         if rc != 0

@@ -142,6 +142,15 @@ pub struct Vcpu {
     index: u8,
 }
 
+/// The error of a failed KVM call `what` on vCPU `index`.
+fn kvm_err(index: u8, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Kvm {
+        what,
+        index,
+        source,
+    }
+}
+
 impl Vcpu {
     /// Creates vCPU `index`.
     pub fn new(vm: &Vm, index: u8) -> Result<Self, VcpuError> {
@@ -161,13 +170,7 @@ impl Vcpu {
     /// run), so the saved registers hold its result.
     pub fn save_state(&mut self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
         let index = self.index;
-        let kvm = |what: &'static str| {
-            move |source| VcpuError::Kvm {
-                what,
-                index,
-                source,
-            }
-        };
+        let kvm = |what| kvm_err(index, what);
         self.fd.set_kvm_immediate_exit(1);
         let flushed = match self.fd.run() {
             Err(e) if e.errno() != libc::EINTR => Err(e),
@@ -206,13 +209,7 @@ impl Vcpu {
     /// LAPIC before the MSRs (the TSC deadline timer), the pending events last.
     pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
         let index = self.index;
-        let kvm = |what: &'static str| {
-            move |source| VcpuError::Kvm {
-                what,
-                index,
-                source,
-            }
-        };
+        let kvm = |what| kvm_err(index, what);
         let fd = &self.fd;
         if let Some(khz) = state.tsc_khz {
             if fd.get_tsc_khz().ok() != Some(khz) {

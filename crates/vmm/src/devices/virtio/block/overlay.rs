@@ -56,6 +56,7 @@ use log::{error, warn};
 use sha2::{Digest, Sha256};
 
 use crate::devices::virtio::mmio::error_chain;
+use crate::fsutil;
 
 /// The unit of copy-on-write, in bytes.
 pub const CLUSTER_SIZE: u64 = 4096;
@@ -67,8 +68,6 @@ pub const VERSION: u32 = 1;
 pub const HEADER_LEN: u64 = 40;
 /// Bytes of bitmap written back to the map as a unit: 32768 clusters, 128 MiB of disk.
 const MAP_CHUNK: u64 = 4096;
-/// Largest step of a copy through a buffer, where `copy_file_range` cannot be used.
-const COPY_BUF: usize = 1 << 20;
 
 /// Why an overlay could not be opened, used or copied.
 #[derive(Debug, thiserror::Error)]
@@ -734,7 +733,7 @@ pub fn copy(src: &Path, dst: &Path) -> Result<(), OverlayError> {
     for (first, end) in bitmap.set_runs() {
         let start = first * CLUSTER_SIZE;
         let stop = (end * CLUSTER_SIZE).min(disk_size);
-        copy_range(&src_data, &dst_data, start, stop - start).map_err(io_err(dst))?;
+        fsutil::copy_range(&src_data, &dst_data, start, stop - start).map_err(io_err(dst))?;
     }
     // The data before the map that points at it.
     dst_data.sync_all().map_err(io_err(dst))?;
@@ -746,61 +745,6 @@ pub fn copy(src: &Path, dst: &Path) -> Result<(), OverlayError> {
     dst_map.sync_all().map_err(io_err(&dst_map_path))?;
     sync_parent(dst)?;
     new.keep();
-    Ok(())
-}
-
-/// Copies `len` bytes at `offset` from `src` to the same offset in `dst`.
-fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
-    let mut done = 0u64;
-    while done < len {
-        let mut off_in = libc::loff_t::try_from(offset + done)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let mut off_out = off_in;
-        let want = usize::try_from(len - done).unwrap_or(usize::MAX);
-        // SAFETY: both descriptors stay open for the call, borrowed from `src` and `dst`; the
-        // kernel reads and updates only the two offsets, locals of this frame.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                dst.as_raw_fd(),
-                &mut off_out,
-                want,
-                0,
-            )
-        };
-        match u64::try_from(n) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => done += n,
-            Err(_) => {
-                let e = io::Error::last_os_error();
-                match e.raw_os_error() {
-                    Some(libc::EINTR) => {}
-                    // Across filesystems on older kernels, or where the filesystem has no
-                    // copy_file_range: copy through memory.
-                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
-                        return copy_buffered(src, dst, offset + done, len - done)
-                    }
-                    _ => return Err(e),
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn copy_buffered(src: &File, dst: &File, offset: u64, len: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; usize::try_from(len).unwrap_or(COPY_BUF).min(COPY_BUF)];
-    let mut done = 0u64;
-    while done < len {
-        let n = buf
-            .len()
-            .min(usize::try_from(len - done).unwrap_or(usize::MAX));
-        let chunk = &mut buf[..n];
-        src.read_exact_at(chunk, offset + done)?;
-        dst.write_all_at(chunk, offset + done)?;
-        done += n as u64;
-    }
     Ok(())
 }
 
