@@ -9,9 +9,11 @@
 //! direction the host stream is read only up to the guest's advertised free space.
 //!
 //! Closing: a guest SHUTDOWN(SEND) half-closes the host stream once the buffered data is
-//! written; SHUTDOWN(RCV|SEND) is answered with RST and the stream is closed. Host EOF is
-//! reported as SHUTDOWN(SEND), or SHUTDOWN(RCV|SEND) when the host stream hung up entirely, and
-//! the guest is then expected to answer RST within [`CONN_SHUTDOWN_TIMEOUT`].
+//! written; SHUTDOWN(RCV|SEND) is answered with RST and the stream is closed, also once the
+//! buffered data is written, unless the host stream takes none of it for
+//! [`CONN_SHUTDOWN_TIMEOUT`]. Host EOF is reported as SHUTDOWN(SEND), or SHUTDOWN(RCV|SEND) when
+//! the host stream hung up entirely, and the guest is then expected to answer RST within
+//! [`CONN_SHUTDOWN_TIMEOUT`].
 
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
@@ -345,6 +347,7 @@ impl<S: HostStream> Connection<S> {
         if self.state != ConnState::Established || self.tx_buf.is_empty() {
             return;
         }
+        let mut flushed = false;
         while !self.tx_buf.is_empty() {
             let (front, _) = self.tx_buf.as_slices();
             match self.stream.write(front) {
@@ -355,6 +358,7 @@ impl<S: HostStream> Connection<S> {
                 Ok(n) => {
                     self.tx_buf.drain(..n);
                     self.fwd_cnt += wrapping(n);
+                    flushed = true;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -363,6 +367,12 @@ impl<S: HostStream> Connection<S> {
                     return;
                 }
             }
+        }
+        if flushed && self.guest_shutdown == SHUTDOWN_BOTH {
+            // The guest has closed and the host is still reading what it sent before: the
+            // timeout is for a host that stopped reading, so progress restarts it. Killing a
+            // slow reader instead would drop the end of a stream the guest closed cleanly.
+            self.deadline = Some(now + CONN_SHUTDOWN_TIMEOUT);
         }
         self.settle_guest_shutdown(now);
     }
@@ -971,6 +981,31 @@ mod tests {
         conn.on_deadline(now + CONN_SHUTDOWN_TIMEOUT);
 
         assert_eq!(conn.state(), ConnState::Killed);
+    }
+
+    #[test]
+    fn test_connection_guest_shutdown_both_waits_while_host_drains() {
+        let now = Instant::now();
+        let stream = MockStream {
+            write_room: 0,
+            ..MockStream::default()
+        };
+        let mut conn = established(stream, now);
+        conn.send_pkt(&rw(8), b"last one", now);
+        conn.send_pkt(&shutdown(SHUTDOWN_BOTH), &[], now);
+        let later = now + CONN_SHUTDOWN_TIMEOUT - Duration::from_millis(500);
+        conn.stream_mut().write_room = 4;
+        conn.notify_writable(later);
+
+        conn.on_deadline(now + CONN_SHUTDOWN_TIMEOUT + Duration::from_millis(500));
+        let state_while_draining = conn.state();
+        conn.stream_mut().write_room = usize::MAX;
+        conn.notify_writable(now + CONN_SHUTDOWN_TIMEOUT + Duration::from_millis(600));
+
+        assert_eq!(state_while_draining, ConnState::Established);
+        assert_eq!(conn.stream().written, b"last one");
+        assert_eq!(conn.state(), ConnState::Killed);
+        assert_eq!(conn.kill_reason(), None);
     }
 
     #[test]

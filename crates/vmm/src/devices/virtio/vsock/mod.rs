@@ -74,7 +74,8 @@ pub(crate) const CREDIT_UPDATE_THRESHOLD: u32 = 16 * 1024;
 pub(crate) const MAX_PKT_PAYLOAD: usize = 64 * 1024;
 /// How long the guest has to answer a host-initiated REQUEST.
 pub(crate) const CONN_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a closing connection waits for the guest's RST or for its data to drain.
+/// How long a closing connection waits for the guest's RST, or for the host stream to take more
+/// of the data the guest sent before closing.
 pub(crate) const CONN_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Queue indices.
