@@ -489,7 +489,8 @@ where
                     &err_buf
                 };
                 let f = Frame::Data(kind, buf[..n].to_vec());
-                if write_frame(&mut tx, &f).await.is_err() {
+                if let Err(e) = write_frame(&mut tx, &f).await {
+                    log::warn!("exec {pid}: cannot send output to the host, ending: {e}");
                     return kill_and_reap(pid, exit).await;
                 }
             }

@@ -22,6 +22,7 @@ mod restore;
 mod server;
 mod sys;
 mod users;
+mod vsock_io;
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;

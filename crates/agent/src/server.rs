@@ -323,6 +323,7 @@ pub async fn serve_vsock(agent: Arc<Agent>) -> Result<(), ServerError> {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                let stream = crate::vsock_io::RetryStream::new(stream);
                 tokio::spawn(handle(Arc::clone(&agent), stream));
             }
             Err(e) => {

@@ -18,6 +18,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
+/// The longest the 100 MiB stream may take (about 15 s in the test bed).
+const STREAM_TIMEOUT: Duration = Duration::from_secs(300);
+
 fn asset(var: &str) -> PathBuf {
     PathBuf::from(
         std::env::var_os(var).unwrap_or_else(|| panic!("{var} is not set: run `cargo xtask test`")),
@@ -81,6 +84,17 @@ impl AgentVm {
             .run(&["/bin/sh", "-c", script])
             .await
             .expect("exec")
+    }
+
+    /// Each guest process with its state and where it sleeps, over a fresh connection (for
+    /// a failure report; it gives up after a minute).
+    async fn processes(&self) -> String {
+        let script = "for p in /proc/[0-9]*; do echo \"${p#/proc/} $(cat $p/comm) \
+                      $(cut -d' ' -f3 $p/stat) $(cat $p/wchan)\"; done";
+        match tokio::time::timeout(Duration::from_secs(60), self.sh(script)).await {
+            Ok(out) => text(&out.stdout),
+            Err(_) => "(the agent did not answer a new exec either)".to_owned(),
+        }
     }
 
     /// Powers the guest off through the agent and checks that the VMM exits 0.
@@ -195,7 +209,15 @@ async fn test_exec_streams_100_mib_of_stdout_intact() {
     let len = 100 << 20;
 
     let start = Instant::now();
-    let out = vm.sh(&format!("seq 1 20000000 | head -c {len}")).await;
+    let script = format!("seq 1 20000000 | head -c {len}");
+    // Bounded, so a stalled stream fails with what the guest was doing instead of hanging.
+    let Ok(out) = tokio::time::timeout(STREAM_TIMEOUT, vm.sh(&script)).await else {
+        panic!(
+            "the stream did not finish in {STREAM_TIMEOUT:?}\nguest processes:\n{}\nconsole:\n{}",
+            vm.processes().await,
+            vm.console()
+        );
+    };
     let elapsed = start.elapsed();
 
     eprintln!(
