@@ -64,7 +64,14 @@ enum Task {
     /// Run a command where real KVM exists: directly, or inside the L1 test bed VM.
     Testbed(testbed::Args),
     /// Run every check and test: format, lints, unit tests, and the KVM suites in the test bed.
-    Test,
+    Test {
+        /// Run only this KVM suite (e.g. `kvm_snapshot`), without the checks and unit tests.
+        #[arg(long)]
+        kvm: Option<String>,
+        /// With `--kvm`: arguments for the suite's test binary (a test name filter).
+        #[arg(last = true, requires = "kvm")]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -110,6 +117,10 @@ fn main() -> Result<()> {
             let code = testbed::run(&args)?;
             std::process::exit(code);
         }
-        Task::Test => test::run(),
+        Task::Test { kvm: None, .. } => test::run(),
+        Task::Test {
+            kvm: Some(suite),
+            args,
+        } => test::run_kvm_suite(&suite, &args),
     }
 }

@@ -37,7 +37,30 @@ pub fn run() -> Result<()> {
     let assets = step("test assets", TestAssets::build)?;
     assets.export();
     let suites = step("build KVM suites", kvm_suites)?;
-    step("KVM suites in the test bed", || run_in_testbed(&suites))
+    step("KVM suites in the test bed", || {
+        run_in_testbed(&suites, &[])
+    })
+}
+
+/// Runs one KVM suite (a `kvm_*` test target) in the test bed with `args` after the usual
+/// `--ignored --test-threads=1 --nocapture`: the quick loop while working on one suite.
+pub fn run_kvm_suite(name: &str, args: &[String]) -> Result<()> {
+    deps::ensure()?;
+    let assets = step("test assets", TestAssets::build)?;
+    assets.export();
+    let suites = step("build KVM suites", kvm_suites)?;
+    let suite = suites
+        .into_iter()
+        .find(|path| {
+            path.file_name()
+                .and_then(|f| f.to_str())
+                .and_then(|f| f.rsplit_once('-'))
+                .is_some_and(|(stem, _)| stem == name)
+        })
+        .with_context(|| format!("no KVM suite named {name}"))?;
+    step("KVM suite in the test bed", || {
+        run_in_testbed(&[suite], args)
+    })
 }
 
 fn cargo() -> Command {
@@ -125,11 +148,15 @@ fn kvm_executables(cargo_json: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-fn run_in_testbed(suites: &[PathBuf]) -> Result<()> {
+fn run_in_testbed(suites: &[PathBuf], args: &[String]) -> Result<()> {
     let mut script = String::from("set -e\n");
+    let extra: String = args
+        .iter()
+        .map(|a| format!(" {}", util::shell_quote(a)))
+        .collect();
     for suite in suites {
         script.push_str(&format!(
-            "echo \"== {0}\"\n'{0}' --ignored --test-threads=1 --nocapture\n",
+            "echo \"== {0}\"\n'{0}' --ignored --test-threads=1 --nocapture{extra}\n",
             suite.display()
         ));
     }

@@ -46,7 +46,7 @@ impl Vmm {
         let child = Command::new(asset("HEARTH_TEST_VMM"))
             .arg("--api-sock")
             .arg(&api)
-            .args(["--log-level", "info"])
+            .args(["--log-level", &common::vmm_log_level()])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -476,12 +476,14 @@ pub fn restore(
     config
         .validate()
         .map_err(|e| request(format!("restored configuration: {}", e.field), e.message))?;
+    log::debug!("restore: preparing the drives");
     prepare_drives(&state, &dir, &config)?;
 
     let build = |e: BuildError| match e {
         BuildError::Device { field, message } => request(field, message),
         other => failed("cannot restore the VM", &other),
     };
+    log::debug!("restore: mapping memory");
     let kvm = Kvm::new().map_err(|e| failed("cannot open /dev/kvm", &e))?;
     let base = resolve(&dir, &state.memory.base);
     let diff_path = dir.join(MEMORY_FILE);
@@ -498,6 +500,7 @@ pub fn restore(
         RestoreReport::default()
     };
     let mapped = start.elapsed();
+    log::debug!("restore: creating the VM");
     let mut vm = Vm::new(&kvm).map_err(|e| build(e.into()))?;
     vm.register_memory(&mem, true)
         .map_err(|e| build(e.into()))?;
@@ -519,6 +522,7 @@ pub fn restore(
     let mut legacy = builder::legacy_devices(&config, &vm, state.serial.as_ref()).map_err(build)?;
 
     let mut devices = MmioDeviceManager::new();
+    log::debug!("restore: restoring the devices");
     let virtio = builder::virtio_devices(&config).map_err(build)?;
     if virtio.len() != state.devices.len() {
         return Err(request(

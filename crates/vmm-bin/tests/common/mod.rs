@@ -1,3 +1,4 @@
+#![allow(dead_code)] // each suite uses its own part of this module
 //! What the KVM suites of `hearth-vmm` share: the assets `cargo xtask test` names in the
 //! environment, per-test scratch directories and control socket requests.
 
@@ -38,6 +39,10 @@ impl Drop for Scratch {
 /// Sends one request line on the control socket and returns the parsed response.
 pub fn request(sock: &Path, line: &str) -> serde_json::Value {
     let mut stream = std::os::unix::net::UnixStream::connect(sock).expect("connect control socket");
+    // Bounded, so a VMM that never answers fails the test instead of hanging it.
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(180)))
+        .expect("read timeout");
     stream
         .write_all(format!("{line}\n").as_bytes())
         .expect("send");
@@ -46,4 +51,10 @@ pub fn request(sock: &Path, line: &str) -> serde_json::Value {
         .read_line(&mut response)
         .expect("receive");
     serde_json::from_str(&response).expect("response is JSON")
+}
+
+/// The VMM's log level in the KVM suites: `HEARTH_TEST_VMM_LOG`, else `debug` (a few lines
+/// per VM, which name the step a failing VMM was at).
+pub fn vmm_log_level() -> String {
+    std::env::var("HEARTH_TEST_VMM_LOG").unwrap_or_else(|_| "debug".to_owned())
 }
