@@ -46,8 +46,9 @@ pub struct Args {
     /// L1's memory in MiB.
     #[arg(long, env = "HEARTH_TESTBED_MEM_MIB", default_value_t = 4096)]
     pub mem_mib: u32,
-    /// L1's vCPUs.
-    #[arg(long, env = "HEARTH_TESTBED_CPUS", default_value_t = 2)]
+    /// L1's vCPUs. One by default: with two, QEMU's multi-threaded TCG emulation of nested
+    /// SVM intermittently corrupted L1 or its guests under heavy guest I/O (docs/TESTBED.md).
+    #[arg(long, env = "HEARTH_TESTBED_CPUS", default_value_t = 1)]
     pub cpus: u32,
     /// Stop L1 after this many seconds and fail.
     #[arg(long, env = "HEARTH_TESTBED_TIMEOUT_SECS", default_value_t = 3600)]
