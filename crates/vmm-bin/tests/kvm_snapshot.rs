@@ -486,7 +486,7 @@ async fn test_corrupt_snapshots_are_rejected_and_working_sets_prefetched() {
     let warm = Vmm::spawn(&scratch, "warm");
     let result = ok(request(
         &warm.api,
-        json!({"action": "restore", "path": snap, "overrides": {
+        json!({"action": "restore", "path": snap, "prefetch": true, "overrides": {
             "vsock_uds_path": warm.vsock,
             "drives": {"data": {"overlay": scratch.path("warm.overlay")}},
         }}),
@@ -506,7 +506,7 @@ async fn test_corrupt_snapshots_are_rejected_and_working_sets_prefetched() {
     let mut vmm = Vmm::spawn(&scratch, "bad-workingset");
     let response = request(
         &vmm.api,
-        json!({"action": "restore", "path": snap, "overrides": {
+        json!({"action": "restore", "path": snap, "prefetch": true, "overrides": {
             "vsock_uds_path": vmm.vsock,
             "drives": {"data": {"overlay": scratch.path("bad-workingset.overlay")}},
         }}),

@@ -16,7 +16,7 @@
 //! Actions: `configure` (a `VmConfig`), `start`, `pause`, `resume`, `stop`, `describe`,
 //! `snapshot` (`path`, `kind`: `full` or `diff`, `stop`: end the VM once it is written, as a
 //! suspend does), `restore` (`path`, `overrides`, `paused`, `prefetch`: fault in the
-//! snapshot's recorded working set first, default true), which takes the place of `configure`
+//! snapshot's recorded working set first, default false), which takes the place of `configure`
 //! and `start`, and `record_working_set` (`path`: the snapshot directory the VM was restored
 //! from):
 //!
@@ -70,16 +70,12 @@ pub enum Action {
         overrides: RestoreOverrides,
         #[serde(default)]
         paused: bool,
-        #[serde(default = "yes")]
+        #[serde(default)]
         prefetch: bool,
     },
     RecordWorkingSet {
         path: PathBuf,
     },
-}
-
-fn yes() -> bool {
-    true
 }
 
 fn full() -> SnapshotKind {
