@@ -5,12 +5,11 @@
 //! The guest is the busybox test image: its init runs the command after `--` on the kernel
 //! command line, prints `hearth-init: exit status N` and resets the machine through the i8042.
 
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{asset, request, Scratch};
+use common::{asset, make_ext4, request, Scratch};
 
 struct Boot {
     output: Output,
@@ -91,16 +90,6 @@ fn assert_clean_exit(boot: &Boot) {
         "console:\n{}",
         boot.console
     );
-}
-
-fn make_ext4(path: &Path, mib: u64) {
-    let status = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "data"])
-        .arg(path)
-        .arg(format!("{mib}M"))
-        .status()
-        .expect("mkfs.ext4");
-    assert!(status.success());
 }
 
 #[test]

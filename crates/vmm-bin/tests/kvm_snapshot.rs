@@ -13,7 +13,7 @@ use agent_proto::{AgentClient, RestoreInfo};
 use serde_json::{json, Value};
 
 mod common;
-use common::{asset, Scratch};
+use common::{asset, make_ext4, Scratch};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -207,16 +207,6 @@ async fn notify_restored(agent: &AgentClient, seed: u8) {
         })
         .await
         .expect("restored notification");
-}
-
-fn make_ext4(path: &Path, mib: u64) {
-    let status = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "data"])
-        .arg(path)
-        .arg(format!("{mib}M"))
-        .status()
-        .expect("mkfs.ext4");
-    assert!(status.success());
 }
 
 /// The guest's counting process: its PID and its current count.

@@ -58,3 +58,14 @@ pub fn request(sock: &Path, line: &str) -> serde_json::Value {
 pub fn vmm_log_level() -> String {
     std::env::var("HEARTH_TEST_VMM_LOG").unwrap_or_else(|_| "debug".to_owned())
 }
+
+/// A fresh ext4 image of `mib` MiB, labelled `data`, at `path`.
+pub fn make_ext4(path: &Path, mib: u64) {
+    let status = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "data"])
+        .arg(path)
+        .arg(format!("{mib}M"))
+        .status()
+        .expect("mkfs.ext4");
+    assert!(status.success());
+}
