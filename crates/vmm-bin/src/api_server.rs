@@ -12,12 +12,21 @@ use vmm::rpc::{self, VmState};
 
 use crate::Shared;
 
-/// Binds `path` (replacing a stale socket) and serves it on a thread.
+/// Binds `path` (replacing a stale socket) and serves it on a thread. The socket is bound and
+/// listening under a temporary name first and then renamed into place, so a client that waits
+/// for `path` to exist never connects before the VMM listens (which would be refused).
 pub fn spawn(path: &Path, shared: Arc<Shared>) -> std::io::Result<()> {
-    if path.exists() {
-        std::fs::remove_file(path)?;
+    let mut staging = path.as_os_str().to_owned();
+    staging.push(format!(".{}.tmp", std::process::id()));
+    let staging = std::path::PathBuf::from(staging);
+    if staging.exists() {
+        std::fs::remove_file(&staging)?;
     }
-    let listener = UnixListener::bind(path)?;
+    let listener = UnixListener::bind(&staging)?;
+    if let Err(e) = std::fs::rename(&staging, path) {
+        let _ = std::fs::remove_file(&staging);
+        return Err(e);
+    }
     std::thread::Builder::new()
         .name("api".to_owned())
         .spawn(move || {
@@ -138,5 +147,30 @@ mod tests {
 
         assert!(first.contains("over the size limit"), "{first}");
         assert!(second.contains("\"ok\":true"), "{second}");
+    }
+
+    #[test]
+    fn test_spawn_socket_appears_listening_and_replaces_a_stale_one() {
+        let dir = vmm_sys_util::tempdir::TempDir::new().expect("tempdir");
+        let path = dir.as_path().join("api.sock");
+        std::fs::write(&path, b"stale").expect("stale file");
+
+        spawn(&path, Arc::new(shared())).expect("spawn");
+
+        // Connectable as soon as it exists, and nothing else is left in the directory.
+        let stream = UnixStream::connect(&path).expect("connect");
+        let mut writer = stream.try_clone().expect("clone");
+        writer
+            .write_all(b"{\"version\":1,\"action\":\"describe\"}\n")
+            .expect("send");
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).expect("read");
+        assert!(line.contains("not_configured"), "{line}");
+        let entries: Vec<_> = std::fs::read_dir(dir.as_path())
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(entries, vec![std::ffi::OsString::from("api.sock")]);
     }
 }
