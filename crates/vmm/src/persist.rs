@@ -407,7 +407,7 @@ fn prefetch(dir: &Path, mem: &GuestMemoryMmap, mib: u64) -> Result<RestoreReport
         ));
     }
     let prefetched_bytes =
-        memory::prefetch(mem, &set.runs).map_err(|e| failed(&format!("{}", path.display()), &e))?;
+        memory::prefetch(mem, &set.runs).map_err(|e| failed(&path.display().to_string(), &e))?;
     Ok(RestoreReport {
         prefetched_bytes,
         prefetch_ms: ms(start.elapsed()),

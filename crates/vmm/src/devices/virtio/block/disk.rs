@@ -430,10 +430,7 @@ mod tests {
 
     impl OverlayFixture {
         fn new(len: usize) -> Self {
-            let dir = TempDir::new().expect("tempdir");
-            let base = dir.as_path().join("base.img");
-            let contents: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-            std::fs::write(&base, contents).expect("base");
+            let (dir, base) = super::super::overlay::tests::base_image(len);
             let overlay = dir.as_path().join("disk.overlay");
             Self {
                 _dir: dir,

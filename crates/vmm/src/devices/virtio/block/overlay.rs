@@ -749,7 +749,7 @@ pub fn copy(src: &Path, dst: &Path) -> Result<(), OverlayError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::os::unix::fs::MetadataExt;
 
     use vmm_sys_util::tempdir::TempDir;
@@ -763,12 +763,19 @@ mod tests {
         data: PathBuf,
     }
 
+    /// A new directory holding `base.img`, `len` bytes with byte `i` being `i % 251`; returns
+    /// the directory and the image's path. Shared with the disk's overlay tests.
+    pub(crate) fn base_image(len: usize) -> (TempDir, PathBuf) {
+        let dir = TempDir::new().expect("tempdir");
+        let base = dir.as_path().join("base.img");
+        let contents: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&base, contents).expect("base");
+        (dir, base)
+    }
+
     impl Fixture {
         fn new(len: usize) -> Self {
-            let dir = TempDir::new().expect("tempdir");
-            let base = dir.as_path().join("base.img");
-            let contents: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-            std::fs::write(&base, contents).expect("base");
+            let (dir, base) = base_image(len);
             let data = dir.as_path().join("disk.overlay");
             Self { dir, base, data }
         }
