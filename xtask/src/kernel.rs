@@ -1,7 +1,7 @@
 //! `cargo xtask guest-kernel`: builds the guest kernel from Debian's `linux-source-6.1` with the
 //! project's config fragment (`guest/kernel/hearth.config`) merged onto `make tinyconfig`.
 //!
-//! Owns the kernel's cache entries (`<cache>/kernel/<hash>/{vmlinux,.config}`, keyed by the
+//! Owns the kernel's cache entries (`<cache>/kernel/<hash>/{vmlinux,bzImage,.config}`, keyed by the
 //! fragment, the source package version and [`RECIPE_VERSION`]), the extracted source tree they
 //! are built from (`<cache>/linux-source-<version>/`), and the checks a built kernel must pass:
 //! every option of the fragment has its requested value in the final `.config`, and `vmlinux`
@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use crate::util;
 
 /// Bump when the build steps change in a way that changes the kernel (it is part of the key).
-const RECIPE_VERSION: &str = "1";
+const RECIPE_VERSION: &str = "2";
 const SOURCE_PACKAGE: &str = "linux-source-6.1";
 const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 /// The directory the tarball unpacks to.
@@ -32,6 +32,16 @@ const SCRATCH_PREFIX: &str = ".guest-kernel-";
 
 /// Builds (or finds in the cache) the guest kernel and returns the path of its `vmlinux`.
 pub fn build() -> Result<PathBuf> {
+    build_entry().map(|entry| entry.join("vmlinux"))
+}
+
+/// The same kernel as [`build`], as a compressed bzImage (the Linux boot protocol's format).
+pub fn bzimage() -> Result<PathBuf> {
+    build_entry().map(|entry| entry.join("bzImage"))
+}
+
+/// Builds (or finds in the cache) the guest kernel and returns its cache entry.
+fn build_entry() -> Result<PathBuf> {
     let fragment_path = util::workspace_root().join(FRAGMENT);
     let fragment =
         fs::read(&fragment_path).with_context(|| format!("read {}", fragment_path.display()))?;
@@ -42,7 +52,7 @@ pub fn build() -> Result<PathBuf> {
     let vmlinux = entry.join("vmlinux");
     if vmlinux.is_file() {
         eprintln!("guest-kernel: cached ({key})");
-        return Ok(vmlinux);
+        return Ok(entry);
     }
 
     let wanted = std::str::from_utf8(&fragment)
@@ -62,12 +72,17 @@ pub fn build() -> Result<PathBuf> {
 
     let stage = ScratchDir::create(&kernel_dir, "entry")?;
     fs::rename(&built, stage.path().join("vmlinux")).context("move vmlinux to the new entry")?;
+    fs::rename(
+        build.path().join("arch/x86/boot/bzImage"),
+        stage.path().join("bzImage"),
+    )
+    .context("move bzImage to the new entry")?;
     fs::copy(build.path().join(".config"), stage.path().join(".config"))
         .context("copy .config to the new entry")?;
     if !vmlinux.is_file() {
         util::publish_dir(stage.path(), &entry)?;
     }
-    Ok(vmlinux)
+    Ok(entry)
 }
 
 /// The cache key of a kernel built from `fragment` and source package `source_version`.
@@ -162,17 +177,21 @@ fn check_config(config: &Path, wanted: &BTreeMap<String, String>) -> Result<()> 
     )
 }
 
-/// Runs `make vmlinux` with one job per CPU and reports how long it took.
+/// Runs `make vmlinux bzImage` with one job per CPU and reports how long it took.
 fn compile(source: &Path, build: &Path) -> Result<()> {
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     eprintln!(
-        "guest-kernel: building vmlinux (make -j{jobs}) in {}",
+        "guest-kernel: building vmlinux and bzImage (make -j{jobs}) in {}",
         build.display()
     );
     let started = Instant::now();
-    util::run(make(source, build).arg(format!("-j{jobs}")).arg("vmlinux"))?;
+    util::run(
+        make(source, build)
+            .arg(format!("-j{jobs}"))
+            .args(["vmlinux", "bzImage"]),
+    )?;
     eprintln!(
-        "guest-kernel: built vmlinux in {:.0} s",
+        "guest-kernel: built in {:.0} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())

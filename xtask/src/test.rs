@@ -84,7 +84,7 @@ pub struct TestAssets {
     pub kernel: PathBuf,
     pub busybox: PathBuf,
     pub debian: PathBuf,
-    /// A bzImage kernel (Debian's cloud kernel).
+    /// The guest kernel as a bzImage.
     pub bzimage: PathBuf,
     /// `hearth-vmm`, release and static.
     pub vmm: PathBuf,
@@ -100,7 +100,7 @@ impl TestAssets {
             kernel: kernel::build()?,
             busybox: rootfs::busybox()?,
             debian: rootfs::debian()?,
-            bzimage: testbed::cloud_bzimage()?,
+            bzimage: kernel::bzimage()?,
             vmm: util::build_release_vmm()?,
             agent_initrd: initramfs::build()?,
         })
@@ -148,24 +148,55 @@ fn kvm_executables(cargo_json: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// A KVM suite's L1 is stopped after this long. The slowest suite takes a few minutes.
+const SUITE_TIMEOUT_SECS: u64 = 1500;
+/// Runs of one suite when its L1 froze (never when the suite itself failed).
+const SUITE_ATTEMPTS: u32 = 2;
+
+/// Runs each suite in an L1 of its own, so an L1 that froze costs one suite's rerun, and
+/// reports every suite that failed.
 fn run_in_testbed(suites: &[PathBuf], args: &[String]) -> Result<()> {
-    let mut script = String::from("set -e\n");
-    let extra: String = args
-        .iter()
-        .map(|a| format!(" {}", util::shell_quote(a)))
-        .collect();
+    let mut failed = Vec::new();
     for suite in suites {
-        script.push_str(&format!(
-            "echo \"== {0}\"\n'{0}' --ignored --test-threads=1 --nocapture{extra}\n",
-            suite.display()
-        ));
+        let name = suite.file_name().map_or_else(
+            || suite.display().to_string(),
+            |f| f.to_string_lossy().into_owned(),
+        );
+        if let Err(err) = run_suite_in_testbed(suite, args) {
+            eprintln!("xtask test: {name} failed: {err:#}");
+            failed.push(name);
+        }
     }
-    let args = testbed::Args::for_command(vec!["bash".into(), "-c".into(), script])?;
-    let code = testbed::run(&args)?;
-    if code != 0 {
-        bail!("KVM suites failed with exit status {code}");
+    if !failed.is_empty() {
+        bail!("KVM suites failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// One suite in a fresh L1, run again (once) if that L1 froze.
+fn run_suite_in_testbed(suite: &std::path::Path, args: &[String]) -> Result<()> {
+    let mut command = vec![
+        suite.to_string_lossy().into_owned(),
+        "--ignored".to_owned(),
+        "--test-threads=1".to_owned(),
+        "--nocapture".to_owned(),
+    ];
+    command.extend(args.iter().cloned());
+    let mut testbed_args = testbed::Args::for_command(command)?;
+    testbed_args.timeout_secs = testbed_args.timeout_secs.min(SUITE_TIMEOUT_SECS);
+    let mut attempt = 1;
+    loop {
+        eprintln!("== {} (attempt {attempt})", suite.display());
+        match testbed::run(&testbed_args) {
+            Ok(0) => return Ok(()),
+            Ok(code) => bail!("exit status {code}"),
+            Err(err) if err.is::<testbed::L1Froze>() && attempt < SUITE_ATTEMPTS => {
+                eprintln!("xtask test: {err}; running the suite again in a fresh L1");
+                attempt += 1;
+            }
+            Err(err) => return Err(err),
+        }
+    }
 }
 
 #[cfg(test)]

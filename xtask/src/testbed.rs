@@ -39,6 +39,12 @@ const DONE_MARKER: &str = "hearth-testbed: done";
 /// Modules loaded in the initramfs, with their dependencies: the shared root, and real KVM.
 /// Everything else (tun, nftables, overlay, bridge, ...) loads on first use.
 const EARLY_MODULES: &[&str] = &["virtio_pci", "virtiofs", "kvm_amd"];
+/// How often L1's second stage rewrites its heartbeat file.
+const HEARTBEAT_SECS: u64 = 10;
+/// With no new heartbeat for this long, L1 has frozen: its scheduler no longer runs, which
+/// QEMU's emulation of nested SVM causes now and then (docs/TESTBED.md). On a live L1 the
+/// heartbeat is a few seconds late at worst, however busy the command keeps it.
+const FROZEN_AFTER: Duration = Duration::from_secs(180);
 
 /// Arguments of the testbed task.
 #[derive(Debug, clap::Args)]
@@ -120,12 +126,6 @@ struct L1Assets {
     initramfs: PathBuf,
     /// The module loader L1's kernel calls (see [`modprobe_script`]).
     modprobe: PathBuf,
-}
-
-/// Debian's cloud kernel as a bzImage (L1's kernel): the KVM suites boot it to test the
-/// bzImage path of `hearth-vmm`.
-pub fn cloud_bzimage() -> Result<PathBuf> {
-    Ok(l1_assets()?.kernel)
 }
 
 /// Fetches the cloud kernel with apt and builds L1's initramfs, cached by package version.
@@ -383,6 +383,11 @@ impl RunDir {
     fn socket(&self) -> PathBuf {
         self.0.join("virtiofs.sock")
     }
+
+    /// Rewritten by L1 every [`HEARTBEAT_SECS`] while it runs.
+    fn heartbeat(&self) -> PathBuf {
+        self.0.join("heartbeat")
+    }
 }
 
 impl Drop for RunDir {
@@ -391,9 +396,9 @@ impl Drop for RunDir {
     }
 }
 
-/// L1's second stage, run by bash on the host's root: run the command in the caller's
-/// directory and environment, record its status for the host, and power off.
-fn stage2_script(command: &[String], status: &Path) -> Result<String> {
+/// L1's second stage, run by bash on the host's root: start the heartbeat, run the command in
+/// the caller's directory and environment, record its status for the host, and power off.
+fn stage2_script(command: &[String], status: &Path, heartbeat: &Path) -> Result<String> {
     let cwd = std::env::current_dir()?;
     let mut env = String::new();
     for (key, value) in std::env::vars() {
@@ -411,11 +416,17 @@ fn stage2_script(command: &[String], status: &Path) -> Result<String> {
         .join(" ");
     let status = shell_quote(&status.to_string_lossy());
     let cwd = shell_quote(&cwd.to_string_lossy());
+    let heartbeat = shell_quote(&heartbeat.to_string_lossy());
+    // The heartbeat is all bash builtins (a fork, never an exec): `read -t` on a FIFO that
+    // nobody writes is its sleep.
     Ok(format!(
         r#"set -u
 {env}export HEARTH_TESTBED=1 TMPDIR={L1_TMPDIR}
+/bin/busybox mkfifo /run/heartbeat.fifo
+exec 9<>/run/heartbeat.fifo
+( while :; do printf '%s\n' "$SECONDS" > {heartbeat}; read -t {HEARTBEAT_SECS} -u 9 tick; done ) &
 echo "{UP_MARKER}"
-cd {cwd} && {command}
+cd {cwd} && {command} 9<&-
 echo $? > {status}
 echo "{DONE_MARKER}"
 exec /bin/busybox poweroff -f
@@ -432,7 +443,11 @@ struct L1<'a> {
 
 impl L1<'_> {
     fn run(&self) -> Result<i32> {
-        let script = stage2_script(&self.args.command, &self.run_dir.status())?;
+        let script = stage2_script(
+            &self.args.command,
+            &self.run_dir.status(),
+            &self.run_dir.heartbeat(),
+        )?;
         fs::write(self.run_dir.stage2(), script)?;
         let mut virtiofsd = self.start_virtiofsd()?;
         let result = self.boot_and_stream();
@@ -519,25 +534,96 @@ impl L1<'_> {
         let stderr = qemu.stderr.take().context("qemu stderr")?;
         let stderr_thread = std::thread::spawn(move || forward_qemu_stderr(stderr));
         let stdout = qemu.stdout.take().context("qemu stdout")?;
-        let timeout = Duration::from_secs(self.args.timeout_secs);
-        let pid = qemu.id();
+        let watchdog = Watchdog {
+            pid: qemu.id(),
+            start,
+            timeout: Duration::from_secs(self.args.timeout_secs),
+            heartbeat: self.run_dir.heartbeat(),
+            frozen_after: FROZEN_AFTER,
+            poll: Duration::from_secs(HEARTBEAT_SECS / 2),
+        };
         let (done, finished) = std::sync::mpsc::channel::<()>();
-        let watchdog = std::thread::spawn(move || {
-            if let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(timeout) {
-                eprintln!("testbed: L1 still running after {timeout:?}, stopping it");
-                let _ = Command::new("kill").arg(pid.to_string()).status();
-            }
-        });
+        let watchdog = std::thread::spawn(move || watchdog.watch(&finished));
         let up = stream_console(stdout, start);
         let status = qemu.wait()?;
         drop(done);
-        let _ = watchdog.join();
+        let stopped = watchdog.join().unwrap_or(None);
         let _ = stderr_thread.join();
+        eprintln!("testbed: L1 ran for {:.1} s", start.elapsed().as_secs_f64());
+        match stopped {
+            Some(Stop::Froze) => return Err(L1Froze.into()),
+            Some(Stop::Timeout) => bail!("L1 still running after {} s", self.args.timeout_secs),
+            None => {}
+        }
         if !up {
             bail!("L1 did not come up (qemu {status})");
         }
-        eprintln!("testbed: L1 ran for {:.1} s", start.elapsed().as_secs_f64());
         Ok(())
+    }
+}
+
+/// The error of a run whose L1 froze (see [`FROZEN_AFTER`]): the emulator's failure, not the
+/// command's, so a caller may run the command again in a fresh L1.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "L1 froze: no heartbeat for {} s (QEMU's nested SVM emulation; docs/TESTBED.md)",
+    FROZEN_AFTER.as_secs()
+)]
+pub struct L1Froze;
+
+/// Why the watchdog stopped L1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Timeout,
+    Froze,
+}
+
+/// Stops L1's QEMU when the run's time is up or L1's heartbeat stops.
+struct Watchdog {
+    pid: u32,
+    start: Instant,
+    timeout: Duration,
+    heartbeat: PathBuf,
+    /// With no new heartbeat for this long, L1 has frozen.
+    frozen_after: Duration,
+    /// How often the heartbeat is read.
+    poll: Duration,
+}
+
+impl Watchdog {
+    /// Watches until `finished` is closed (QEMU exited) or L1 must be stopped, and says why
+    /// it stopped L1.
+    fn watch(self, finished: &std::sync::mpsc::Receiver<()>) -> Option<Stop> {
+        let mut last_beat = None;
+        let mut last_progress = Instant::now();
+        loop {
+            match finished.recv_timeout(self.poll) {
+                Err(RecvTimeoutError::Timeout) => {}
+                _ => return None,
+            }
+            let beat = fs::read(&self.heartbeat).ok();
+            if beat.is_some() && beat != last_beat {
+                last_beat = beat;
+                last_progress = Instant::now();
+            }
+            let stop = if self.start.elapsed() > self.timeout {
+                eprintln!(
+                    "testbed: L1 still running after {:?}, stopping it",
+                    self.timeout
+                );
+                Stop::Timeout
+            } else if last_progress.elapsed() > self.frozen_after {
+                eprintln!(
+                    "testbed: L1 froze (no heartbeat for {:?}), stopping it",
+                    self.frozen_after
+                );
+                Stop::Froze
+            } else {
+                continue;
+            };
+            let _ = Command::new("kill").arg(self.pid.to_string()).status();
+            return Some(stop);
+        }
     }
 }
 
@@ -652,13 +738,64 @@ kernel/arch/x86/kvm/kvm-amd.ko: kernel/arch/x86/kvm/kvm.ko kernel/virt/lib/irqby
         assert_eq!(package.as_deref(), Some("linux-image-6.1.0-57-cloud-amd64"));
     }
 
+    fn watchdog(child: &Child, heartbeat: PathBuf) -> Watchdog {
+        Watchdog {
+            pid: child.id(),
+            start: Instant::now(),
+            timeout: Duration::from_secs(60),
+            heartbeat,
+            frozen_after: Duration::from_millis(300),
+            poll: Duration::from_millis(20),
+        }
+    }
+
+    #[test]
+    fn test_watchdog_without_heartbeat_stops_l1_as_frozen() {
+        let mut child = Command::new("sleep").arg("60").spawn().expect("sleep");
+        let (_done, finished) = std::sync::mpsc::channel::<()>();
+
+        let stop = watchdog(&child, PathBuf::from("/nonexistent/heartbeat")).watch(&finished);
+
+        assert_eq!(stop, Some(Stop::Froze));
+        assert!(!child.wait().expect("wait").success());
+    }
+
+    #[test]
+    fn test_watchdog_with_heartbeat_waits_for_the_end() {
+        let dir = std::env::temp_dir().join(format!("hearth-watchdog-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("dir");
+        let heartbeat = dir.join("heartbeat");
+        let mut child = Command::new("sleep").arg("60").spawn().expect("sleep");
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let beats = {
+            let heartbeat = heartbeat.clone();
+            std::thread::spawn(move || {
+                for beat in 0..40 {
+                    fs::write(&heartbeat, beat.to_string()).expect("beat");
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                drop(done);
+            })
+        };
+
+        let stop = watchdog(&child, heartbeat).watch(&finished);
+
+        beats.join().expect("beats");
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = fs::remove_dir_all(&dir);
+        assert_eq!(stop, None);
+    }
+
     #[test]
     fn test_stage2_script_runs_command_and_records_status() {
         let command = vec!["echo".to_owned(), "a b".to_owned()];
 
-        let script = stage2_script(&command, Path::new("/run/x/status")).expect("script");
+        let script = stage2_script(&command, Path::new("/run/x/status"), Path::new("/run/x/hb"))
+            .expect("script");
 
-        assert!(script.contains("'echo' 'a b'"));
+        assert!(script.contains("'echo' 'a b' 9<&-"));
         assert!(script.contains("echo $? > '/run/x/status'"));
+        assert!(script.contains("> '/run/x/hb'"));
     }
 }
