@@ -384,6 +384,11 @@ impl RunDir {
         self.0.join("virtiofs.sock")
     }
 
+    /// QEMU's human monitor, read when L1 froze.
+    fn monitor(&self) -> PathBuf {
+        self.0.join("monitor.sock")
+    }
+
     /// Rewritten by L1 every [`HEARTBEAT_SECS`] while it runs.
     fn heartbeat(&self) -> PathBuf {
         self.0.join("heartbeat")
@@ -495,6 +500,11 @@ impl L1<'_> {
         .args(["-m", &mem, "-smp", &self.args.cpus.to_string()])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "stdio"])
+        .arg("-monitor")
+        .arg(format!(
+            "unix:{},server=on,wait=off",
+            self.run_dir.monitor().display()
+        ))
         .arg("-object")
         .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
         .args(["-numa", "node,memdev=mem"])
@@ -539,6 +549,7 @@ impl L1<'_> {
             start,
             timeout: Duration::from_secs(self.args.timeout_secs),
             heartbeat: self.run_dir.heartbeat(),
+            monitor: self.run_dir.monitor(),
             frozen_after: FROZEN_AFTER,
             poll: Duration::from_secs(HEARTBEAT_SECS / 2),
         };
@@ -584,6 +595,8 @@ struct Watchdog {
     start: Instant,
     timeout: Duration,
     heartbeat: PathBuf,
+    /// QEMU's monitor socket: where L1's CPU is when it froze.
+    monitor: PathBuf,
     /// With no new heartbeat for this long, L1 has frozen.
     frozen_after: Duration,
     /// How often the heartbeat is read.
@@ -591,6 +604,28 @@ struct Watchdog {
 }
 
 impl Watchdog {
+    /// What QEMU's monitor says of L1's CPU (registers, the code at RIP), or why it cannot.
+    fn cpu_state(&self) -> String {
+        use std::io::Write;
+        let ask = || -> std::io::Result<String> {
+            let mut sock = std::os::unix::net::UnixStream::connect(&self.monitor)?;
+            sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+            sock.write_all(b"info registers\nx/8i $pc\ninfo status\n")?;
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match sock.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                    Err(e) if out.is_empty() => return Err(e),
+                    Err(_) => break,
+                }
+            }
+            Ok(String::from_utf8_lossy(&out).into_owned())
+        };
+        ask().unwrap_or_else(|e| format!("(the monitor did not answer: {e})"))
+    }
+
     /// Watches until `finished` is closed (QEMU exited) or L1 must be stopped, and says why
     /// it stopped L1.
     fn watch(self, finished: &std::sync::mpsc::Receiver<()>) -> Option<Stop> {
@@ -617,6 +652,7 @@ impl Watchdog {
                     "testbed: L1 froze (no heartbeat for {:?}), stopping it",
                     self.frozen_after
                 );
+                eprintln!("testbed: L1's CPU as it froze:\n{}", self.cpu_state());
                 Stop::Froze
             } else {
                 continue;
@@ -744,6 +780,7 @@ kernel/arch/x86/kvm/kvm-amd.ko: kernel/arch/x86/kvm/kvm.ko kernel/virt/lib/irqby
             start: Instant::now(),
             timeout: Duration::from_secs(60),
             heartbeat,
+            monitor: PathBuf::from("/nonexistent/monitor.sock"),
             frozen_after: Duration::from_millis(300),
             poll: Duration::from_millis(20),
         }

@@ -6,11 +6,11 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Cap, Kvm};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::boot::{self, BootSource};
-use crate::arch::x86_64::{layout, mptable};
+use crate::arch::x86_64::{cpuid, layout, mptable};
 use crate::config::{SerialOutput, VmConfig};
 use crate::device_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::devices::bus::{Bus, BusError};
@@ -277,6 +277,7 @@ pub(crate) fn legacy_devices(
 
 /// Builds the microVM of `config` and starts its vCPUs.
 pub fn build_and_start(config: &VmConfig) -> Result<MicroVm, BuildError> {
+    let start = std::time::Instant::now();
     let kvm = Kvm::new().map_err(BuildError::Kvm)?;
     let mem = memory::create(config.machine.memory_mib)?;
     let mut vm = Vm::new(&kvm)?;
@@ -287,6 +288,7 @@ pub fn build_and_start(config: &VmConfig) -> Result<MicroVm, BuildError> {
         devices.attach(&vm, &mut legacy.mmio, &mem, device, None)?;
     }
 
+    let devices_done = start.elapsed();
     let cmdline = kernel_cmdline(config, &devices);
     let entry = boot::load(
         &mem,
@@ -297,10 +299,14 @@ pub fn build_and_start(config: &VmConfig) -> Result<MicroVm, BuildError> {
         },
     )?;
     let count = config.machine.vcpus;
+    let loaded = start.elapsed();
     mptable::setup(&mem, count)?;
-    let supported = kvm
+    let mut supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(BuildError::Cpuid)?;
+    if kvm.check_extension(Cap::TscDeadlineTimer) {
+        cpuid::enable_tsc_deadline(&mut supported);
+    }
     let mut vcpus = Vec::with_capacity(count as usize);
     for index in 0..count {
         let vcpu = Vcpu::new(&vm, index)?;
@@ -310,6 +316,12 @@ pub fn build_and_start(config: &VmConfig) -> Result<MicroVm, BuildError> {
     let (shared, serial, boot_time) = legacy.into_shared();
     boot_time.start();
     let threads = VcpuThreads::start(vcpus, shared.clone(), false)?;
+    log::info!(
+        "built the VM in {:.1} ms: memory, VM and devices by {:.1} ms, kernel loaded by {:.1} ms",
+        start.elapsed().as_secs_f64() * 1e3,
+        devices_done.as_secs_f64() * 1e3,
+        loaded.as_secs_f64() * 1e3
+    );
     Ok(MicroVm {
         mem,
         shared,

@@ -13,6 +13,7 @@ const LEAF_AMD_SIZE: u32 = 0x8000_0008;
 const LEAF_AMD_TOPOLOGY: u32 = 0x8000_001e;
 
 const ECX_HYPERVISOR: u32 = 1 << 31;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const EDX_HTT: u32 = 1 << 28;
 const ECX_CMP_LEGACY: u32 = 1 << 1;
 const LEVEL_SMT: u32 = 1;
@@ -82,6 +83,16 @@ fn normalize_entry(entry: &mut kvm_cpuid_entry2, index: u8, count: u8) {
     }
 }
 
+/// Advertises the LAPIC's TSC deadline mode in leaf 1 (call only where KVM emulates it:
+/// `KVM_CAP_TSC_DEADLINE_TIMER`).
+pub fn enable_tsc_deadline(cpuid: &mut CpuId) {
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == LEAF_FEATURES {
+            entry.ecx |= ECX_TSC_DEADLINE;
+        }
+    }
+}
+
 /// The CPUID of vCPU `index` out of `count`, from KVM's supported set.
 pub fn for_vcpu(supported: &CpuId, index: u8, count: u8) -> CpuId {
     let mut cpuid = supported.clone();
@@ -136,6 +147,16 @@ mod tests {
             (e.eax, e.ebx, e.ecx, e.edx),
             (3, 6, (LEVEL_CORE << 8) | 1, 5)
         );
+    }
+
+    #[test]
+    fn test_enable_tsc_deadline_sets_leaf1_ecx_bit24_only() {
+        let mut cpuid = CpuId::from_entries(&[entry(LEAF_FEATURES, 0), entry(0x7, 0)]).unwrap();
+
+        enable_tsc_deadline(&mut cpuid);
+
+        assert_eq!(cpuid.as_slice()[0].ecx, ECX_TSC_DEADLINE);
+        assert_eq!(cpuid.as_slice()[1].ecx, 0);
     }
 
     #[test]
