@@ -469,9 +469,18 @@ impl L1<'_> {
 
     fn start_virtiofsd(&self) -> Result<Child> {
         let socket = self.run_dir.socket();
+        // cache=always: L1 keeps file pages across opens, so an exec does not read its binary
+        // through FUSE again (docs/TESTBED.md, Caching). Nothing on the host writes while L1 runs.
         let child = Command::new("/usr/lib/qemu/virtiofsd")
             .arg(format!("--socket-path={}", socket.display()))
-            .args(["-o", "source=/", "-o", "cache=auto", "-o", "sandbox=chroot"])
+            .args([
+                "-o",
+                "source=/",
+                "-o",
+                "cache=always",
+                "-o",
+                "sandbox=chroot",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

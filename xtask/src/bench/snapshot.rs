@@ -326,6 +326,12 @@ struct Restore {
     agent_ms: f64,
 }
 
+/// Whether the part `name` (`restore`, `clones`, `suspend`) of the suite runs: all of them
+/// unless `HEARTH_BENCH_PARTS` lists some, comma-separated (a developer's shortcut).
+fn part_wanted(name: &str) -> bool {
+    std::env::var("HEARTH_BENCH_PARTS").map_or(true, |parts| parts.split(',').any(|p| p == name))
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -407,15 +413,44 @@ impl Suite<'_> {
         self.hearth_record_working_set(&hearth_image)
             .await
             .context("hearth: recording the working set")?;
+        if part_wanted("restore") {
+            self.restore_figures(&hearth_image, &qemu_image, image_cid)
+                .await?;
+        }
+        if part_wanted("clones") {
+            let hearth_ratio = self
+                .hearth_clone_ratio(&hearth_image)
+                .await
+                .context("hearth: clones")?;
+            let qemu_ratio = self
+                .qemu_clone_ratio(&qemu_image)
+                .await
+                .context("qemu: clones")?;
+            print_figure("clone_memory_ratio", hearth_ratio, Some(qemu_ratio), "x");
+        }
+        let _ = std::fs::remove_dir_all(&hearth_image);
+        let _ = std::fs::remove_file(&qemu_image);
+        if part_wanted("suspend") {
+            self.suspend_figures().await?;
+        }
+        Ok(())
+    }
+
+    async fn restore_figures(
+        &self,
+        hearth_image: &Path,
+        qemu_image: &Path,
+        image_cid: u32,
+    ) -> Result<()> {
         let mut hearth = Vec::new();
         let mut hearth_prefetch = Vec::new();
         let mut qemu = Vec::new();
         for run in 0..RESTORE_RUNS {
-            let h = self.hearth_restore_run(&hearth_image, false).await;
+            let h = self.hearth_restore_run(hearth_image, false).await;
             let h = h.with_context(|| format!("hearth: restore run {run}"))?;
-            let p = self.hearth_restore_run(&hearth_image, true).await;
+            let p = self.hearth_restore_run(hearth_image, true).await;
             let p = p.with_context(|| format!("hearth: restore run {run} with prefetch"))?;
-            let q = self.qemu_restore_run(&qemu_image, image_cid).await;
+            let q = self.qemu_restore_run(qemu_image, image_cid).await;
             let q = q.with_context(|| format!("qemu: restore run {run}"))?;
             eprintln!(
                 "bench: restore run {run}: hearth running {:.1} ms, agent {:.1} ms \
@@ -444,19 +479,10 @@ impl Suite<'_> {
             None,
             "ms",
         );
+        Ok(())
+    }
 
-        let hearth_ratio = self
-            .hearth_clone_ratio(&hearth_image)
-            .await
-            .context("hearth: clones")?;
-        let qemu_ratio = self
-            .qemu_clone_ratio(&qemu_image)
-            .await
-            .context("qemu: clones")?;
-        print_figure("clone_memory_ratio", hearth_ratio, Some(qemu_ratio), "x");
-        let _ = std::fs::remove_dir_all(&hearth_image);
-        let _ = std::fs::remove_file(&qemu_image);
-
+    async fn suspend_figures(&self) -> Result<()> {
         let mut hearth = Vec::new();
         let mut qemu = Vec::new();
         for run in 0..SUSPEND_RUNS {
@@ -592,10 +618,15 @@ impl Suite<'_> {
         let agent = start.elapsed();
         eprintln!(
             "bench: hearth-vmm (prefetch {prefetch}) answered its socket after {:.1} ms, \
-             reports {}",
+             reports {}; agent answered {:.1} ms after running",
             ms(spawned),
-            result
+            result,
+            ms(agent - running)
         );
+        let log = std::fs::read_to_string(vm.0.dir.join("log")).unwrap_or_default();
+        for line in log.lines().filter(|l| l.contains("restore: ")) {
+            eprintln!("bench:   {line}");
+        }
         Ok(Restore {
             running_ms: ms(running),
             agent_ms: ms(agent),

@@ -10,9 +10,11 @@
 //! Stopping the worker (reset, drop, [`Vsock::reset_connections`]) joins the thread and takes
 //! the muxer back, so the listener survives and the device can be activated again.
 
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{EpollEvent, EventSet};
@@ -34,6 +36,37 @@ const TOKEN_STOP: u64 = 3;
 static QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
 /// Rounds of tx-then-rx processing per wake-up before the worker polls its descriptors again.
 const MAX_ROUNDS: usize = 16;
+/// How long rx waits for the driver to acknowledge a transport reset before it flows anyway
+/// (a driver that never posts another event buffer must not keep new connections out).
+const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the worker looks for that acknowledgement, which comes without a notification.
+const RESET_ACK_POLL_MS: i32 = 2;
+
+/// Where the worker is with a transport reset. Until the driver has handled the event, nothing
+/// goes to rx: Linux resets every connected socket when it handles the event, so a connection
+/// the host opened just after a restore would otherwise be reset with the stale ones (its
+/// client would see it close and have to retry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TransportReset {
+    /// None owed.
+    Done,
+    /// Owed since `since`, waiting for an event buffer.
+    Pending { since: Instant },
+    /// Delivered. The driver refills the event buffer once it has handled the event, so the
+    /// event queue's avail index moving past `avail` is its acknowledgement.
+    Delivered {
+        since: Instant,
+        avail: Wrapping<u16>,
+    },
+}
+
+impl TransportReset {
+    fn pending() -> Self {
+        Self::Pending {
+            since: Instant::now(),
+        }
+    }
+}
 
 /// A virtio-vsock device backed by Unix sockets (see the module documentation of `vsock`).
 ///
@@ -113,7 +146,7 @@ impl Vsock {
     pub fn send_transport_reset(&mut self) -> Result<bool, VsockError> {
         match self.stop_worker()? {
             Some(mut worker) => {
-                worker.transport_reset_pending = true;
+                worker.transport_reset = TransportReset::pending();
                 self.start_worker(worker).map(|()| true)
             }
             None => Ok(false),
@@ -141,7 +174,9 @@ impl Vsock {
             ActivateError::Backend("the backend was lost when the worker panicked".to_owned())
         })?;
         let mut worker = Worker::new(ctx, muxer, stop_evt);
-        worker.transport_reset_pending = transport_reset;
+        if transport_reset {
+            worker.transport_reset = TransportReset::pending();
+        }
         self.start_worker(worker).map_err(|e| match e {
             VsockError::Worker(e) => ActivateError::Worker(e),
             other => ActivateError::Backend(other.to_string()),
@@ -349,7 +384,7 @@ struct Worker {
     irq: Arc<IrqTrigger>,
     stop_evt: EventFd,
     muxer: Muxer,
-    transport_reset_pending: bool,
+    transport_reset: TransportReset,
     /// The last wake-up ran out of rounds: poll without sleeping.
     more_work: bool,
     tx_payload: Vec<u8>,
@@ -366,7 +401,7 @@ impl Worker {
             irq: ctx.irq,
             stop_evt,
             muxer,
-            transport_reset_pending: false,
+            transport_reset: TransportReset::Done,
             more_work: false,
             tx_payload: Vec::with_capacity(MAX_PKT_PAYLOAD),
             rx_payload: vec![0; MAX_PKT_PAYLOAD],
@@ -416,12 +451,13 @@ impl Worker {
         }
     }
 
-    /// How long the next wait may sleep: until the earliest connection deadline.
+    /// How long the next wait may sleep: until the earliest connection deadline, or a short
+    /// while when a transport reset awaits its acknowledgement.
     fn timeout_ms(&self) -> i32 {
         if self.more_work {
             return 0;
         }
-        match self.muxer.next_deadline() {
+        let until_deadline = match self.muxer.next_deadline() {
             None => -1,
             Some(deadline) => {
                 let ms = deadline
@@ -429,7 +465,37 @@ impl Worker {
                     .as_millis();
                 i32::try_from(ms.saturating_add(1)).unwrap_or(i32::MAX)
             }
+        };
+        match self.transport_reset {
+            TransportReset::Done => until_deadline,
+            _ if until_deadline < 0 => RESET_ACK_POLL_MS,
+            _ => until_deadline.min(RESET_ACK_POLL_MS),
         }
+    }
+
+    /// Whether rx may carry packets: no transport reset is owed, or the driver has handled
+    /// it, or it has had [`RESET_ACK_TIMEOUT`] to do so.
+    fn rx_open(&mut self) -> bool {
+        let acked = match self.transport_reset {
+            TransportReset::Done => return true,
+            TransportReset::Pending { since } => since.elapsed() >= RESET_ACK_TIMEOUT,
+            TransportReset::Delivered { since, avail } => {
+                let moved = self
+                    .queues
+                    .get(EVQ)
+                    .and_then(|q| q.avail_idx(&self.mem, Ordering::Acquire).ok())
+                    .is_some_and(|now| now != avail);
+                moved || since.elapsed() >= RESET_ACK_TIMEOUT
+            }
+        };
+        if acked {
+            if let TransportReset::Delivered { .. } = self.transport_reset {
+                self.transport_reset = TransportReset::Done;
+            } else {
+                log::debug!("vsock: no event buffer for the transport reset; rx flows anyway");
+            }
+        }
+        acked
     }
 
     /// One wake-up: waits up to `timeout_ms`, then does the work. Returns false once stopped
@@ -474,14 +540,16 @@ impl Worker {
         true
     }
 
-    /// Moves packets both ways until neither queue makes progress, then interrupts.
+    /// Delivers a pending transport reset, then moves packets both ways until neither queue
+    /// makes progress, then interrupts.
     fn process_queues(&mut self) {
+        let ev_used = self.process_evq();
         let mut tx_used = false;
         let mut rx_used = false;
         self.more_work = true;
         for _ in 0..MAX_ROUNDS {
             let tx = self.process_tx();
-            let rx = self.process_rx();
+            let rx = if self.rx_open() { self.process_rx() } else { 0 };
             tx_used |= tx > 0;
             rx_used |= rx > 0;
             if tx == 0 && rx == 0 {
@@ -489,7 +557,6 @@ impl Worker {
                 break;
             }
         }
-        let ev_used = self.process_evq();
         for (used, index) in [(rx_used, RXQ), (tx_used, TXQ), (ev_used, EVQ)] {
             if used {
                 self.signal(index);
@@ -574,7 +641,7 @@ impl Worker {
     /// Delivers a pending transport-reset event; returns whether a chain was used.
     fn process_evq(&mut self) -> bool {
         let mut used = false;
-        while self.transport_reset_pending {
+        while let TransportReset::Pending { since } = self.transport_reset {
             let Some(queue) = self.queues.get_mut(EVQ) else {
                 break;
             };
@@ -584,7 +651,10 @@ impl Worker {
             let head = chain.head_index();
             let len = match write_event(&self.mem, chain, EVENT_TRANSPORT_RESET) {
                 Ok(len) => {
-                    self.transport_reset_pending = false;
+                    let avail = queue
+                        .avail_idx(&self.mem, Ordering::Acquire)
+                        .unwrap_or(Wrapping(queue.next_avail()));
+                    self.transport_reset = TransportReset::Delivered { since, avail };
                     len
                 }
                 Err(e) => {
@@ -1046,12 +1116,68 @@ mod tests {
         f.driver
             .ev
             .add_chain(&f.driver.mem, &[Desc::writable(addr, 8)]);
-        f.worker.transport_reset_pending = true;
+        f.worker.transport_reset = TransportReset::pending();
 
         turn(&mut f);
 
         assert_eq!(f.driver.ev.next_used(&f.driver.mem), Some((0, 4)));
-        assert!(!f.worker.transport_reset_pending);
+        assert!(matches!(
+            f.worker.transport_reset,
+            TransportReset::Delivered { .. }
+        ));
+    }
+
+    /// A fixture whose worker has just delivered a transport reset, as after a restore.
+    fn fixture_after_reset() -> Fixture {
+        let mut f = fixture();
+        let addr = f.driver.ev.alloc(8);
+        f.driver
+            .ev
+            .add_chain(&f.driver.mem, &[Desc::writable(addr, 8)]);
+        f.worker.transport_reset = TransportReset::pending();
+        turn(&mut f);
+        f
+    }
+
+    #[test]
+    fn test_worker_host_connect_after_reset_waits_for_the_driver_to_handle_it() {
+        let mut f = fixture_after_reset();
+        let _stream = host_connect(&f.uds, b"CONNECT 52\n");
+        let mut events = vec![EpollEvent::default(); 16];
+        for _ in 0..5 {
+            f.worker.iterate(&mut events, 20);
+        }
+        let held = f.driver.try_recv();
+        // The driver handles the event and posts its buffer again.
+        let addr = f.driver.ev.alloc(8);
+        f.driver
+            .ev
+            .add_chain(&f.driver.mem, &[Desc::writable(addr, 8)]);
+
+        let (request, _) = next_packet(&mut f);
+
+        assert!(
+            held.is_none(),
+            "a connection request went out before the reset was handled"
+        );
+        assert_eq!(request.op(), Some(Op::Request));
+        assert_eq!(f.worker.transport_reset, TransportReset::Done);
+    }
+
+    #[test]
+    fn test_worker_host_connect_after_unacknowledged_reset_flows_after_the_timeout() {
+        let mut f = fixture_after_reset();
+        if let TransportReset::Delivered { avail, .. } = f.worker.transport_reset {
+            f.worker.transport_reset = TransportReset::Delivered {
+                since: Instant::now() - RESET_ACK_TIMEOUT,
+                avail,
+            };
+        }
+        let _stream = host_connect(&f.uds, b"CONNECT 52\n");
+
+        let (request, _) = next_packet(&mut f);
+
+        assert_eq!(request.op(), Some(Op::Request));
     }
 
     #[test]
