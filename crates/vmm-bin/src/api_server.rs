@@ -27,19 +27,15 @@ pub fn spawn(path: &Path, shared: Arc<Shared>) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&staging);
         return Err(e);
     }
-    std::thread::Builder::new()
-        .name("api".to_owned())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let shared = shared.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("api-conn".to_owned())
-                    .spawn(move || serve(stream, &shared));
-                if let Err(e) = spawned {
-                    log::warn!("cannot serve a control connection: {e}");
-                }
+    vmm::thread::spawn("api", move || {
+        for stream in listener.incoming().flatten() {
+            let shared = shared.clone();
+            let spawned = vmm::thread::spawn("api-conn", move || serve(stream, &shared));
+            if let Err(e) = spawned {
+                log::warn!("cannot serve a control connection: {e}");
             }
-        })?;
+        }
+    })?;
     Ok(())
 }
 

@@ -13,4 +13,5 @@ pub mod kvm_host;
 pub mod persist;
 pub mod rpc;
 pub mod snapshot;
+pub mod thread;
 pub mod vstate;

@@ -75,7 +75,8 @@ pub type PageBitmap = Vec<Vec<u64>>;
 /// Runs of pages, `(first page, page count)` over the whole memory file, in order.
 pub type PageRuns = Vec<(u64, u64)>;
 
-/// Anonymous guest memory of `mib` MiB.
+/// Anonymous guest memory of `mib` MiB, offered to transparent huge pages (see
+/// [`advise_huge_pages`]).
 pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     if !(MIN_MEM_MIB..=MAX_MEM_MIB).contains(&mib) {
         return Err(MemoryError::Size(mib));
@@ -84,10 +85,38 @@ pub fn create(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Map {
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemoryError::Map {
         mib,
         detail: e.to_string(),
-    })
+    })?;
+    advise_huge_pages(&mem);
+    Ok(mem)
+}
+
+/// Asks for transparent huge pages behind booted guest memory (`MADV_HUGEPAGE`, as Cloud
+/// Hypervisor does by default), so they back it also where the host's policy is `madvise`:
+/// one fault then maps 2 MiB for the guest (with huge pages off, a 256 MiB boot in the test
+/// bed took about 0.15 s longer), at the price of a few MiB more resident memory. Only a
+/// hint: the host may have huge pages off, and then this does nothing. Restored memory is a
+/// private file mapping, which the kernel backs with small pages whatever the hint.
+fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        // SAFETY: the range is exactly a mapping `mem` owns; MADV_HUGEPAGE changes how it is
+        // backed, never its contents.
+        let rc = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+        if rc != 0 {
+            log::debug!(
+                "no transparent huge pages for guest memory: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 /// Guest memory of `mib` MiB mapped MAP_PRIVATE from the memory file `base`: nothing is read

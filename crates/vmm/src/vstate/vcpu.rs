@@ -394,14 +394,11 @@ impl VcpuThreads {
             let index = vcpu.index;
             let control = control.clone();
             let shared = shared.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("vcpu{index}"))
-                .stack_size(256 << 10)
-                .spawn(move || {
-                    run_loop(vcpu, &control, &shared);
-                    control.thread_exited();
-                })
-                .map_err(|source| VcpuError::Thread { index, source })?;
+            let handle = crate::thread::spawn(format!("vcpu{index}"), move || {
+                run_loop(vcpu, &control, &shared);
+                control.thread_exited();
+            })
+            .map_err(|source| VcpuError::Thread { index, source })?;
             threads.push(handle);
         }
         Ok(Self { threads, control })

@@ -8,7 +8,7 @@
 use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 
 use log::{error, warn};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -219,9 +219,7 @@ impl<H: ChainHandler> QueueWorker<H> {
             stop_evt.as_raw_fd(),
             EpollEvent::new(EventSet::IN, STOP_TOKEN),
         )?;
-        let thread = thread::Builder::new()
-            .name(format!("hearth-{}", H::NAME))
-            .spawn(move || self.run(&epoll))?;
+        let thread = crate::thread::spawn(format!("hearth-{}", H::NAME), move || self.run(&epoll))?;
         Ok(WorkerHandle {
             device: H::NAME,
             stop_evt,

@@ -13,7 +13,7 @@
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -217,9 +217,7 @@ impl Vsock {
         };
         // The worker travels through a channel so that a failed spawn does not lose it.
         let (sender, receiver) = mpsc::channel::<Worker>();
-        let spawned = thread::Builder::new()
-            .name("vsock".to_owned())
-            .spawn(move || receiver.recv().ok().map(Worker::run));
+        let spawned = crate::thread::spawn("vsock", move || receiver.recv().ok().map(Worker::run));
         let thread = match spawned {
             Ok(thread) => thread,
             Err(e) => {
@@ -974,7 +972,7 @@ mod tests {
         read_exactly(&mut stream, format!("OK {}\n", request.src_port).len());
         let mut writer = stream.try_clone().expect("clone");
         let expected = data.clone();
-        let host = thread::spawn(move || {
+        let host = std::thread::spawn(move || {
             writer.write_all(&data).expect("write");
             writer
                 .shutdown(std::net::Shutdown::Write)
@@ -996,9 +994,9 @@ mod tests {
         f.driver.send(&guest(Op::Request, 40000, 6000), &[]);
         let (response, _) = next_packet(&mut f);
         let len = data.len();
-        let host = thread::spawn(move || {
+        let host = std::thread::spawn(move || {
             let (mut accepted, _) = listener.accept().expect("accept");
-            thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(100));
             read_exactly(&mut accepted, len)
         });
 
@@ -1204,7 +1202,7 @@ mod tests {
             if let Some(packet) = driver.try_recv() {
                 return packet;
             }
-            thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(10));
         }
         panic!("no rx packet");
     }
