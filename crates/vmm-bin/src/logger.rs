@@ -1,4 +1,10 @@
-//! A minimal `log` backend: one line per record on standard error.
+//! A minimal `log` backend: one line per record on standard error, stamped with the seconds
+//! since the logger started (about when the process did), so phases can be timed from a log.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+static START: OnceLock<Instant> = OnceLock::new();
 
 struct StderrLogger;
 
@@ -9,8 +15,10 @@ impl log::Log for StderrLogger {
 
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
+            let since = START.get_or_init(Instant::now).elapsed();
             eprintln!(
-                "hearth-vmm {} {}: {}",
+                "hearth-vmm {:.3} {} {}: {}",
+                since.as_secs_f64(),
                 record.level(),
                 record.target(),
                 record.args()
@@ -25,6 +33,7 @@ static LOGGER: StderrLogger = StderrLogger;
 
 /// Installs the logger at `level`.
 pub fn init(level: log::LevelFilter) {
+    START.get_or_init(Instant::now);
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(level);
     }

@@ -624,7 +624,10 @@ impl Suite<'_> {
             ms(agent - running)
         );
         let log = std::fs::read_to_string(vm.0.dir.join("log")).unwrap_or_default();
-        for line in log.lines().filter(|l| l.contains("restore: ")) {
+        // The restore's phases and when the guest's driver handled the transport reset (the
+        // log's stamps are seconds since the VMM started).
+        let phases = |l: &&str| l.contains("restore: ") || l.contains("transport reset");
+        for line in log.lines().filter(phases) {
             eprintln!("bench:   {line}");
         }
         Ok(Restore {

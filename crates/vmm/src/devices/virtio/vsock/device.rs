@@ -39,8 +39,6 @@ const MAX_ROUNDS: usize = 16;
 /// How long rx waits for the driver to acknowledge a transport reset before it flows anyway
 /// (a driver that never posts another event buffer must not keep new connections out).
 const RESET_ACK_TIMEOUT: Duration = Duration::from_secs(1);
-/// How often the worker looks for that acknowledgement, which comes without a notification.
-const RESET_ACK_POLL_MS: i32 = 2;
 
 /// Where the worker is with a transport reset. Until the driver has handled the event, nothing
 /// goes to rx: Linux resets every connected socket when it handles the event, so a connection
@@ -449,8 +447,10 @@ impl Worker {
         }
     }
 
-    /// How long the next wait may sleep: until the earliest connection deadline, or a short
-    /// while when a transport reset awaits its acknowledgement.
+    /// How long the next wait may sleep: until the earliest connection deadline, and while a
+    /// transport reset awaits its acknowledgement, no later than its [`RESET_ACK_TIMEOUT`].
+    /// The acknowledgement itself wakes the worker: the driver notifies the event queue after
+    /// refilling it (the device offers no EVENT_IDX and never suppresses notifications).
     fn timeout_ms(&self) -> i32 {
         if self.more_work {
             return 0;
@@ -464,10 +464,19 @@ impl Worker {
                 i32::try_from(ms.saturating_add(1)).unwrap_or(i32::MAX)
             }
         };
-        match self.transport_reset {
-            TransportReset::Done => until_deadline,
-            _ if until_deadline < 0 => RESET_ACK_POLL_MS,
-            _ => until_deadline.min(RESET_ACK_POLL_MS),
+        let since = match self.transport_reset {
+            TransportReset::Done => return until_deadline,
+            TransportReset::Pending { since } | TransportReset::Delivered { since, .. } => since,
+        };
+        let ms = RESET_ACK_TIMEOUT
+            .saturating_sub(since.elapsed())
+            .as_millis()
+            .saturating_add(1);
+        let until_ack_timeout = i32::try_from(ms).unwrap_or(i32::MAX);
+        if until_deadline < 0 {
+            until_ack_timeout
+        } else {
+            until_deadline.min(until_ack_timeout)
         }
     }
 
@@ -487,7 +496,11 @@ impl Worker {
             }
         };
         if acked {
-            if let TransportReset::Delivered { .. } = self.transport_reset {
+            if let TransportReset::Delivered { since, .. } = self.transport_reset {
+                log::info!(
+                    "vsock: the driver handled the transport reset {:.1} ms after it was owed",
+                    since.elapsed().as_secs_f64() * 1000.0
+                );
                 self.transport_reset = TransportReset::Done;
             } else {
                 log::debug!("vsock: no event buffer for the transport reset; rx flows anyway");
@@ -653,6 +666,7 @@ impl Worker {
                         .avail_idx(&self.mem, Ordering::Acquire)
                         .unwrap_or(Wrapping(queue.next_avail()));
                     self.transport_reset = TransportReset::Delivered { since, avail };
+                    log::debug!("vsock: transport reset delivered");
                     len
                 }
                 Err(e) => {
@@ -1160,6 +1174,21 @@ mod tests {
         );
         assert_eq!(request.op(), Some(Op::Request));
         assert_eq!(f.worker.transport_reset, TransportReset::Done);
+    }
+
+    #[test]
+    fn test_worker_waiting_for_a_reset_ack_sleeps_no_longer_than_its_timeout() {
+        let mut f = fixture_after_reset();
+        f.worker.more_work = false;
+        let waiting = f.worker.timeout_ms();
+        f.worker.transport_reset = TransportReset::Done;
+
+        let limit = i32::try_from(RESET_ACK_TIMEOUT.as_millis()).expect("ms") + 1;
+        assert!(
+            (1..=limit).contains(&waiting),
+            "slept {waiting} ms waiting for the acknowledgement"
+        );
+        assert_eq!(f.worker.timeout_ms(), -1, "idle with no reset owed");
     }
 
     #[test]
