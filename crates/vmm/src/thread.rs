@@ -27,15 +27,34 @@ where
 mod tests {
     use super::*;
 
+    /// The calling thread's stack size, as pthreads reports it.
+    fn own_stack_size() -> usize {
+        let mut size = 0usize;
+        // SAFETY: `attr` is initialised by pthread_getattr_np before it is read and destroyed
+        // once; `size` is a valid place for pthread_attr_getstacksize to write.
+        unsafe {
+            let mut attr = std::mem::zeroed::<libc::pthread_attr_t>();
+            assert_eq!(libc::pthread_getattr_np(libc::pthread_self(), &mut attr), 0);
+            assert_eq!(libc::pthread_attr_getstacksize(&attr, &mut size), 0);
+            libc::pthread_attr_destroy(&mut attr);
+        }
+        size
+    }
+
     #[test]
     fn test_spawn_names_the_thread() {
-        let name = spawn("hearth-test", || {
-            std::thread::current().name().map(str::to_owned)
+        let (name, stack) = spawn("hearth-test", || {
+            let name = std::thread::current().name().map(str::to_owned);
+            (name, own_stack_size())
         })
         .expect("spawn")
         .join()
         .expect("join");
 
         assert_eq!(name.as_deref(), Some("hearth-test"));
+        assert!(
+            (STACK_SIZE..2 << 20).contains(&stack),
+            "stack of {stack} bytes"
+        );
     }
 }
