@@ -42,7 +42,7 @@ mod tests {
     }
 
     #[test]
-    fn test_spawn_names_the_thread() {
+    fn test_spawn_names_the_thread_and_sizes_its_stack() {
         let (name, stack) = spawn("hearth-test", || {
             let name = std::thread::current().name().map(str::to_owned);
             (name, own_stack_size())
