@@ -11,24 +11,78 @@ mod logger;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use clap::Parser;
 use vmm::rpc::{Controller, VmState};
 use vmm::vstate::vcpu::GuestExit;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-#[derive(Debug, Parser)]
-#[command(name = "hearth-vmm", version, about = "The Hearth microVM monitor")]
+const USAGE: &str = "\
+The Hearth microVM monitor
+
+Usage: hearth-vmm [--config <FILE>] [--api-sock <PATH>] [--log-level <LEVEL>]
+
+Options:
+      --config <FILE>      A VM configuration file (JSON, see `vmm::config`); the VM boots at once
+      --api-sock <PATH>    The control socket to serve
+      --log-level <LEVEL>  Log level: error, warn, info, debug or trace [env: HEARTH_LOG] [default: warn]
+  -h, --help               Print help
+  -V, --version            Print version
+";
+
+/// The command line. Parsed with `lexopt` rather than a declarative parser: every restore
+/// spawns a VMM, and a parser's code runs for the first time in each fresh process (see
+/// `docs/VMM.md`).
+#[derive(Debug, PartialEq, Eq)]
 struct Args {
-    /// A VM configuration file (JSON, see `vmm::config`); the VM boots at once.
-    #[arg(long)]
     config: Option<PathBuf>,
-    /// The control socket to serve.
-    #[arg(long)]
     api_sock: Option<PathBuf>,
-    /// Log level: error, warn, info, debug or trace.
-    #[arg(long, env = "HEARTH_LOG", default_value = "warn", value_parser = parse_level)]
     log_level: log::LevelFilter,
+}
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Command {
+    Run(Args),
+    Help,
+    Version,
+}
+
+/// Parses `args` (without the program name); `env_level` is `HEARTH_LOG`, which
+/// `--log-level` overrides.
+fn parse_args(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+    env_level: Option<std::ffi::OsString>,
+) -> Result<Command, String> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut config = None;
+    let mut api_sock = None;
+    let mut level = env_level;
+    let mut arg_error = |e: lexopt::Error| e.to_string();
+    while let Some(arg) = parser.next().map_err(&mut arg_error)? {
+        match arg {
+            Long("config") => config = Some(PathBuf::from(parser.value().map_err(&mut arg_error)?)),
+            Long("api-sock") => {
+                api_sock = Some(PathBuf::from(parser.value().map_err(&mut arg_error)?));
+            }
+            Long("log-level") => level = Some(parser.value().map_err(&mut arg_error)?),
+            Short('h') | Long("help") => return Ok(Command::Help),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    let log_level = match level {
+        None => log::LevelFilter::Warn,
+        Some(text) => {
+            let text = text.to_string_lossy();
+            parse_level(&text).map_err(|e| format!("invalid value for --log-level: {e}"))?
+        }
+    };
+    Ok(Command::Run(Args {
+        config,
+        api_sock,
+        log_level,
+    }))
 }
 
 /// Wakes the main loop: the VM started or stopped through the control socket.
@@ -46,7 +100,22 @@ const WAKE: u64 = 1;
 const GUEST_EXIT: u64 = 2;
 
 fn main() {
-    let args = Args::parse();
+    let parsed = parse_args(std::env::args_os().skip(1), std::env::var_os("HEARTH_LOG"));
+    let args = match parsed {
+        Ok(Command::Run(args)) => args,
+        Ok(Command::Help) => {
+            print!("{USAGE}");
+            return;
+        }
+        Ok(Command::Version) => {
+            println!("hearth-vmm {}", env!("CARGO_PKG_VERSION"));
+            return;
+        }
+        Err(e) => {
+            eprintln!("hearth-vmm: {e}\nFor more information, try '--help'.");
+            std::process::exit(2);
+        }
+    };
     logger::init(args.log_level);
     match run(&args) {
         Ok(GuestExit::Shutdown) => std::process::exit(0),
@@ -155,5 +224,70 @@ fn wait_for_exit(shared: &Shared) -> Result<GuestExit, String> {
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn parse(args: &[&str], env: Option<&str>) -> Result<Command, String> {
+        parse_args(args.iter().map(OsString::from), env.map(OsString::from))
+    }
+
+    #[test]
+    fn test_parse_args_takes_both_value_forms() {
+        let parsed = parse(
+            &[
+                "--config",
+                "vm.json",
+                "--api-sock=ctl.sock",
+                "--log-level",
+                "debug",
+            ],
+            None,
+        );
+
+        assert_eq!(
+            parsed,
+            Ok(Command::Run(Args {
+                config: Some(PathBuf::from("vm.json")),
+                api_sock: Some(PathBuf::from("ctl.sock")),
+                log_level: log::LevelFilter::Debug,
+            }))
+        );
+    }
+
+    #[test]
+    fn test_parse_args_level_defaults_to_warn_and_the_flag_beats_the_environment() {
+        let level = |args: &[&str], env| match parse(args, env) {
+            Ok(Command::Run(args)) => args.log_level,
+            other => panic!("{other:?}"),
+        };
+
+        assert_eq!(level(&[], None), log::LevelFilter::Warn);
+        assert_eq!(level(&[], Some("info")), log::LevelFilter::Info);
+        assert_eq!(
+            level(&["--log-level", "trace"], Some("info")),
+            log::LevelFilter::Trace
+        );
+    }
+
+    #[test]
+    fn test_parse_args_help_and_version() {
+        assert_eq!(parse(&["--help"], None), Ok(Command::Help));
+        assert_eq!(parse(&["-V"], None), Ok(Command::Version));
+    }
+
+    #[test]
+    fn test_parse_args_rejects_unknown_options_missing_values_and_bad_levels() {
+        let error = |args: &[&str], env| parse(args, env).expect_err("must fail");
+
+        assert!(error(&["--bogus"], None).contains("--bogus"));
+        assert!(error(&["stray"], None).contains("stray"));
+        assert!(error(&["--config"], None).contains("--config"));
+        assert!(error(&["--log-level", "loud"], None).contains("loud"));
+        assert!(error(&[], Some("loud")).contains("loud"));
     }
 }
