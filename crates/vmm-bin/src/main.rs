@@ -52,31 +52,26 @@ enum Command {
 fn parse_args(
     args: impl IntoIterator<Item = std::ffi::OsString>,
     env_level: Option<std::ffi::OsString>,
-) -> Result<Command, String> {
+) -> Result<Command, lexopt::Error> {
     use lexopt::prelude::*;
     let mut parser = lexopt::Parser::from_args(args);
     let mut config = None;
     let mut api_sock = None;
     let mut level = env_level;
-    let mut arg_error = |e: lexopt::Error| e.to_string();
-    while let Some(arg) = parser.next().map_err(&mut arg_error)? {
+    while let Some(arg) = parser.next()? {
         match arg {
-            Long("config") => config = Some(PathBuf::from(parser.value().map_err(&mut arg_error)?)),
-            Long("api-sock") => {
-                api_sock = Some(PathBuf::from(parser.value().map_err(&mut arg_error)?));
-            }
-            Long("log-level") => level = Some(parser.value().map_err(&mut arg_error)?),
+            Long("config") => config = Some(PathBuf::from(parser.value()?)),
+            Long("api-sock") => api_sock = Some(PathBuf::from(parser.value()?)),
+            Long("log-level") => level = Some(parser.value()?),
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
-            other => return Err(other.unexpected().to_string()),
+            other => return Err(other.unexpected()),
         }
     }
     let log_level = match level {
         None => log::LevelFilter::Warn,
-        Some(text) => {
-            let text = text.to_string_lossy();
-            parse_level(&text).map_err(|e| format!("invalid value for --log-level: {e}"))?
-        }
+        Some(text) => parse_level(&text.to_string_lossy())
+            .map_err(|e| format!("invalid value for --log-level: {e}"))?,
     };
     Ok(Command::Run(Args {
         config,
@@ -234,6 +229,7 @@ mod tests {
 
     fn parse(args: &[&str], env: Option<&str>) -> Result<Command, String> {
         parse_args(args.iter().map(OsString::from), env.map(OsString::from))
+            .map_err(|e| e.to_string())
     }
 
     #[test]
