@@ -239,6 +239,11 @@ async fn wait_count_above(agent: &AgentClient, above: u64) -> (u32, u64) {
     }
 }
 
+/// The guest's usable clocksources.
+const CLOCKSOURCES: &str = "cat /sys/devices/system/clocksource/clocksource0/available_clocksource";
+/// How often the guest's clocksource watchdog has given up on the TSC.
+const TSC_UNSTABLE: &str = "dmesg | grep -c \"Marking clocksource 'tsc' as unstable\" || true";
+
 #[tokio::test]
 #[ignore = "needs hardware KVM: `cargo xtask test` runs it in the test bed"]
 async fn test_suspend_resume_keeps_processes_files_listeners_and_fixes_clock() {
@@ -272,6 +277,9 @@ async fn test_suspend_resume_keeps_processes_files_listeners_and_fixes_clock() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    let clocksources = sh(&agent, CLOCKSOURCES).await;
+    let unstable_before = sh(&agent, TSC_UNSTABLE).await;
 
     let snap = scratch.path("suspended");
     let report = vm.snapshot(&snap, "full", true);
@@ -314,6 +322,19 @@ async fn test_suspend_resume_keeps_processes_files_listeners_and_fixes_clock() {
         "{}",
         String::from_utf8_lossy(&reply)
     );
+    // The watchdog has compared the TSC with kvmclock (every 0.5 s) by now: a restore that
+    // loaded them out of step would have had the TSC marked unstable.
+    if clocksources.split_whitespace().any(|c| c == "tsc") {
+        assert_eq!(
+            sh(&agent, TSC_UNSTABLE).await,
+            unstable_before,
+            "the guest marked its TSC unstable after the restore: {}",
+            sh(&agent, "dmesg | grep -i clocksource | tail -5").await
+        );
+        assert_eq!(sh(&agent, CLOCKSOURCES).await, clocksources);
+    } else {
+        eprintln!("the guest had no TSC clocksource before the snapshot ({clocksources})");
+    }
     let guest_s: f64 = sh(&agent, "date +%s.%N").await.parse().expect("guest time");
     let host_s = now_ns() as f64 / 1e9;
     assert!(

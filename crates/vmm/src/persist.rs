@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 
+use crate::arch::x86_64::msr;
 use crate::builder::{self, error_chain, BuildError, MemoryBase, MicroVm};
 use crate::config::{DriveConfig, SerialConfig, VmConfig};
 use crate::device_manager::MmioDeviceManager;
@@ -182,6 +183,17 @@ pub fn create_snapshot(
         .vm
         .save_state()
         .map_err(|e| failed("cannot save the VM", &e))?;
+    // kvmclock is read last: save each TSC as of that moment too (see `msr::advance_tsc`).
+    let clock_read = Instant::now();
+    let vcpus: Vec<VcpuState> = vcpus
+        .into_iter()
+        .map(|(mut state, tsc_read)| {
+            if let Some(khz) = state.tsc_khz {
+                msr::advance_tsc(&mut state.msrs, khz, clock_read - tsc_read);
+            }
+            state
+        })
+        .collect();
     let serial = vm
         .serial
         .as_ref()
@@ -510,14 +522,21 @@ pub fn restore(
     // would then never see those used buffers, and with EVENT_IDX the device does not signal
     // that queue again until the driver catches up: the queue would stall for good.
     vm.restore_state(&state.vm)
-        .map_err(|e| failed("cannot restore the irqchip, PIT or clock", &e))?;
+        .map_err(|e| failed("cannot restore the irqchip or the PIT", &e))?;
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    let mut first_tsc = None;
     for (index, saved) in state.vcpus.iter().enumerate() {
         let vcpu = Vcpu::new(&vm, index as u8).map_err(|e| build(e.into()))?;
-        vcpu.restore_state(saved)
+        let tsc_loaded = vcpu
+            .restore_state(saved)
             .map_err(|e| failed("cannot restore a vCPU", &e))?;
+        // KVM keeps later vCPUs' TSCs in step with the first one's.
+        first_tsc.get_or_insert(tsc_loaded);
         vcpus.push(vcpu);
     }
+    let since_tsc = first_tsc.map(|t| t.elapsed()).unwrap_or_default();
+    vm.restore_clock(&state.vm, since_tsc)
+        .map_err(|e| failed("cannot restore kvmclock", &e))?;
     let cpus = start.elapsed();
     let mut legacy = builder::legacy_devices(&config, &vm, state.serial.as_ref()).map_err(build)?;
 

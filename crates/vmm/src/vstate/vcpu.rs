@@ -165,10 +165,11 @@ impl Vcpu {
         Ok(Self { fd, index })
     }
 
-    /// Reads the vCPU's whole state. Call it only between two KVM_RUNs: it first lets KVM
-    /// finish an instruction whose port or MMIO access the VMM has just served (an `immediate_exit`
-    /// run), so the saved registers hold its result.
-    pub fn save_state(&mut self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+    /// Reads the vCPU's whole state, and when its TSC had the saved value. Call it only
+    /// between two KVM_RUNs: it first lets KVM finish an instruction whose port or MMIO access
+    /// the VMM has just served (an `immediate_exit` run), so the saved registers hold its
+    /// result.
+    pub fn save_state(&mut self, msr_indices: &[u32]) -> Result<(VcpuState, Instant), VcpuError> {
         let index = self.index;
         let kvm = |what| kvm_err(index, what);
         self.fd.set_kvm_immediate_exit(1);
@@ -186,7 +187,8 @@ impl Vcpu {
             .to_vec();
         let msrs =
             msr::save_msrs(fd, msr_indices).map_err(|source| VcpuError::Msr { index, source })?;
-        Ok(VcpuState {
+        let tsc_read = Instant::now();
+        let state = VcpuState {
             cpuid,
             msrs,
             mp_state: fd.get_mp_state().map_err(kvm("read the MP state"))?,
@@ -202,12 +204,14 @@ impl Vcpu {
                 .get_vcpu_events()
                 .map_err(kvm("read the pending events"))?,
             tsc_khz: fd.get_tsc_khz().ok(),
-        })
+        };
+        Ok((state, tsc_read))
     }
 
     /// Loads a state saved by [`Vcpu::save_state`], in the order KVM needs: CPUID first, the
-    /// LAPIC before the MSRs (the TSC deadline timer), the pending events last.
-    pub fn restore_state(&self, state: &VcpuState) -> Result<(), VcpuError> {
+    /// LAPIC before the MSRs (the TSC deadline timer), the pending events last. Returns when
+    /// the TSC took its saved value (see [`super::vm::Vm::restore_clock`]).
+    pub fn restore_state(&self, state: &VcpuState) -> Result<Instant, VcpuError> {
         let index = self.index;
         let kvm = |what| kvm_err(index, what);
         let fd = &self.fd;
@@ -236,9 +240,10 @@ impl Vcpu {
         fd.set_lapic(&state.lapic)
             .map_err(kvm("set the local APIC"))?;
         msr::restore_msrs(fd, &state.msrs).map_err(|source| VcpuError::Msr { index, source })?;
+        let tsc_loaded = Instant::now();
         fd.set_vcpu_events(&state.events)
             .map_err(kvm("set the pending events"))?;
-        Ok(())
+        Ok(tsc_loaded)
     }
 
     /// Sets CPUID, MSRs, FPU, XCR0 and LAPIC; on the boot vCPU also the entry registers.
@@ -290,7 +295,7 @@ struct ControlState {
 #[derive(Debug)]
 struct SaveRequest {
     msr_indices: Arc<Vec<u32>>,
-    results: Vec<Option<Result<VcpuState, VcpuError>>>,
+    results: Vec<Option<Result<(VcpuState, Instant), VcpuError>>>,
 }
 
 /// The run/pause/stop state all vCPU threads follow.
@@ -429,8 +434,12 @@ impl VcpuThreads {
         }
     }
 
-    /// Saves every vCPU's state; the vCPUs must be paused. Each vCPU thread saves its own.
-    pub fn save_states(&self, msr_indices: Vec<u32>) -> Result<Vec<VcpuState>, VcpuError> {
+    /// Saves every vCPU's state, with when its TSC was read; the vCPUs must be paused. Each
+    /// vCPU thread saves its own.
+    pub fn save_states(
+        &self,
+        msr_indices: Vec<u32>,
+    ) -> Result<Vec<(VcpuState, Instant)>, VcpuError> {
         let count = self.threads.len();
         let mut state = self.control.lock();
         if state.requested != Requested::Pause || state.parked < count {

@@ -2,6 +2,8 @@
 //! and the irqfd/ioeventfd wiring devices use to raise interrupts and take notifications
 //! without a trip through the VMM.
 
+use std::time::Duration;
+
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
@@ -161,9 +163,8 @@ impl Vm {
         })
     }
 
-    /// Loads a state saved by [`Vm::save_state`]. kvmclock continues from the saved value:
-    /// guest monotonic time does not jump over the time the VM spent saved (the agent's restore
-    /// notification sets the wall clock).
+    /// Loads the irqchip and the PIT of a state saved by [`Vm::save_state`]; kvmclock follows
+    /// the vCPUs, in [`Vm::restore_clock`].
     pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
         for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
             self.fd
@@ -173,8 +174,19 @@ impl Vm {
         self.fd
             .set_pit2(&state.pit)
             .map_err(kvm("restore the PIT"))?;
+        Ok(())
+    }
+
+    /// Loads kvmclock from `state`, once the vCPUs' TSCs are loaded. It continues from the
+    /// saved value, so guest monotonic time does not jump over the time the VM spent saved
+    /// (the agent's restore notification sets the wall clock), advanced by `since_tsc`, the
+    /// time since the TSCs took their saved values: the two clocks then stand as far apart as
+    /// when they were saved. The guest's clocksource watchdog compares them and marks the TSC
+    /// unstable over a skew of about half a millisecond.
+    pub fn restore_clock(&self, state: &VmState, since_tsc: Duration) -> Result<(), VmError> {
+        let since = u64::try_from(since_tsc.as_nanos()).unwrap_or(u64::MAX);
         let clock = kvm_clock_data {
-            clock: state.clock.clock,
+            clock: state.clock.clock.saturating_add(since),
             ..Default::default()
         };
         self.fd.set_clock(&clock).map_err(kvm("restore kvmclock"))?;

@@ -77,10 +77,13 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), MsrError> {
 
 /// Reads every MSR in `indices` that KVM can read on `vcpu`, for a snapshot. KVM stops at the
 /// first MSR it cannot read; that one is skipped (some listed MSRs depend on CPU features the
-/// guest does not have) and the rest are read on.
+/// guest does not have) and the rest are read on. The TSC is read last (and so comes last in
+/// the result, and is written last on restore), so the moment this returns is the moment the
+/// TSC had the saved value, which [`advance_tsc`] relies on.
 pub fn save_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, MsrError> {
-    let mut saved = Vec::with_capacity(indices.len());
-    let mut rest = indices;
+    let ordered = tsc_last(indices);
+    let mut saved = Vec::with_capacity(ordered.len());
+    let mut rest = ordered.as_slice();
     while !rest.is_empty() {
         let entries: Vec<kvm_msr_entry> = rest
             .iter()
@@ -121,6 +124,32 @@ pub fn restore_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), MsrE
     Ok(())
 }
 
+/// `indices` with the TSC, if listed, moved to the end.
+fn tsc_last(indices: &[u32]) -> Vec<u32> {
+    let mut ordered: Vec<u32> = indices
+        .iter()
+        .copied()
+        .filter(|&i| i != MSR_IA32_TSC)
+        .collect();
+    if indices.contains(&MSR_IA32_TSC) {
+        ordered.push(MSR_IA32_TSC);
+    }
+    ordered
+}
+
+/// Moves the saved TSC in `entries` forward by `by` at `khz` kHz: the value it had `by`
+/// later. A snapshot reads kvmclock a little after the TSCs; the guest's clocksource
+/// watchdog compares the two, and marks the TSC unstable if they drift apart by more than
+/// about half a millisecond (and then spends a kernel thread on the switch), so both are
+/// saved as of the same moment.
+pub fn advance_tsc(entries: &mut [kvm_msr_entry], khz: u32, by: std::time::Duration) {
+    let cycles = by.as_nanos() * u128::from(khz) / 1_000_000;
+    let cycles = u64::try_from(cycles).unwrap_or(u64::MAX);
+    for entry in entries.iter_mut().filter(|e| e.index == MSR_IA32_TSC) {
+        entry.data = entry.data.wrapping_add(cycles);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,5 +164,38 @@ mod tests {
             .map(|e| e.data);
 
         assert_eq!(mtrr, Some(MTRR_ENABLE | MTRR_MEM_TYPE_WB));
+    }
+
+    #[test]
+    fn test_tsc_last_moves_only_the_tsc_to_the_end() {
+        assert_eq!(
+            tsc_last(&[MSR_STAR, MSR_IA32_TSC, MSR_LSTAR]),
+            vec![MSR_STAR, MSR_LSTAR, MSR_IA32_TSC]
+        );
+        assert_eq!(tsc_last(&[MSR_STAR, MSR_LSTAR]), vec![MSR_STAR, MSR_LSTAR]);
+    }
+
+    #[test]
+    fn test_advance_tsc_adds_the_cycles_of_the_interval_to_the_tsc_only() {
+        let mut entries = boot_msr_entries();
+        for e in &mut entries {
+            e.data = 1000;
+        }
+
+        // 2.5 ms at 2 GHz is 5,000,000 cycles.
+        advance_tsc(
+            &mut entries,
+            2_000_000,
+            std::time::Duration::from_micros(2500),
+        );
+
+        for e in &entries {
+            let want = if e.index == MSR_IA32_TSC {
+                5_001_000
+            } else {
+                1000
+            };
+            assert_eq!(e.data, want, "MSR {:#x}", e.index);
+        }
     }
 }
