@@ -561,16 +561,17 @@ pub fn restore(
 
     let (shared, serial, boot_time) = legacy.into_shared();
     let attached = start.elapsed();
-    let threads = VcpuThreads::start(vcpus, shared.clone(), paused).map_err(|e| build(e.into()))?;
+    // Logged before the vCPUs start: from then on the guest competes for the CPU with
+    // everything left of the request, which a client waits for.
     log::info!(
         "restore: state read at {:.1} ms, memory mapped (and prefetched) at {:.1} ms, VM and vCPUs at {:.1} ms, \
-         devices at {:.1} ms, vCPUs started at {:.1} ms",
+         devices at {:.1} ms, starting the vCPUs",
         ms(read),
         ms(mapped),
         ms(cpus),
-        ms(attached),
-        ms(start.elapsed())
+        ms(attached)
     );
+    let threads = VcpuThreads::start(vcpus, shared.clone(), paused).map_err(|e| build(e.into()))?;
     let mut differing = memory::empty_bitmap(&mem);
     if let Some(runs) = &state.memory.diff {
         memory::mark_runs(&mem, &mut differing, runs);
