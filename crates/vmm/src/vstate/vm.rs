@@ -182,7 +182,7 @@ impl Vm {
     /// (the agent's restore notification sets the wall clock), advanced by `since_tsc`, the
     /// time since the TSCs took their saved values: the two clocks then stand as far apart as
     /// when they were saved. The guest's clocksource watchdog compares them and marks the TSC
-    /// unstable over a skew of about half a millisecond.
+    /// unstable over a skew of 0.4 ms (see `msr::advance_tsc`).
     pub fn restore_clock(&self, state: &VmState, since_tsc: Duration) -> Result<(), VmError> {
         let since = u64::try_from(since_tsc.as_nanos()).unwrap_or(u64::MAX);
         let clock = kvm_clock_data {
