@@ -189,7 +189,11 @@ pub fn create_snapshot(
         .into_iter()
         .map(|(mut state, tsc_read)| {
             if let Some(khz) = state.tsc_khz {
-                msr::advance_tsc(&mut state.msrs, khz, clock_read - tsc_read);
+                msr::advance_tsc(
+                    &mut state.msrs,
+                    khz,
+                    clock_read.saturating_duration_since(tsc_read),
+                );
             }
             state
         })
