@@ -34,7 +34,8 @@ use crate::qemu::{Console, Microvm, Qmp, BASE_CMDLINE};
 const BASE_MIB: u32 = 512;
 /// Guest memory of the suspended VM.
 const SUSPEND_MIB: u32 = 2048;
-/// Restores per VMM: the median of 9 settles within a few ms where 5 swung by tens.
+/// Restores per VMM. Medians of 5 moved by 10-25 ms between runs of the same code; two full
+/// runs with 9 (one full, one restore-only) gave 172 and 182 ms to the agent.
 const RESTORE_RUNS: usize = 9;
 const SUSPEND_RUNS: usize = 3;
 const CLONES: usize = 10;
