@@ -17,10 +17,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kvm_bindings::{kvm_clock_data, KVM_CLOCK_HOST_TSC};
 use kvm_ioctls::Kvm;
 use serde::{Deserialize, Serialize};
 
-use crate::arch::x86_64::msr;
+use crate::arch::x86_64::{msr, tsc};
 use crate::builder::{self, error_chain, BuildError, MemoryBase, MicroVm};
 use crate::config::{DriveConfig, SerialConfig, VmConfig};
 use crate::device_manager::MmioDeviceManager;
@@ -30,7 +31,7 @@ use crate::devices::virtio::mmio::TransportState;
 use crate::fsutil;
 use crate::snapshot::{self, SnapshotError};
 use crate::vstate::memory::{self, GuestMemoryMmap, PageRuns};
-use crate::vstate::vcpu::{Vcpu, VcpuState, VcpuThreads};
+use crate::vstate::vcpu::{TscRead, Vcpu, VcpuState, VcpuThreads};
 use crate::vstate::vm::{Vm, VmState};
 
 /// The state file's name in a snapshot directory.
@@ -183,21 +184,7 @@ pub fn create_snapshot(
         .vm
         .save_state()
         .map_err(|e| failed("cannot save the VM", &e))?;
-    // kvmclock is read last: save each TSC as of that moment too (see `msr::advance_tsc`).
-    let clock_read = Instant::now();
-    let vcpus: Vec<VcpuState> = vcpus
-        .into_iter()
-        .map(|(mut state, tsc_read)| {
-            if let Some(khz) = state.tsc_khz {
-                msr::advance_tsc(
-                    &mut state.msrs,
-                    khz,
-                    clock_read.saturating_duration_since(tsc_read),
-                );
-            }
-            state
-        })
-        .collect();
+    let vcpus = tscs_as_of_clock(vcpus, &vm_state.clock, Instant::now());
     let serial = vm
         .serial
         .as_ref()
@@ -246,6 +233,74 @@ fn prepare_dir(dir: &Path) -> Result<(), PersistError> {
         ));
     }
     Ok(())
+}
+
+/// Saved vCPU states with each TSC as of `clock`, the kvmclock read after them (at
+/// `clock_read`), so that a restore finds the two as far apart as the guest left them (see
+/// [`tsc`]). With KVM's host TSC of that read, each TSC is exactly the host TSC plus its
+/// offset; otherwise it is advanced by the time between the two reads.
+fn tscs_as_of_clock(
+    vcpus: Vec<(VcpuState, TscRead)>,
+    clock: &kvm_clock_data,
+    clock_read: Instant,
+) -> Vec<VcpuState> {
+    let host_tsc = (clock.flags & KVM_CLOCK_HOST_TSC != 0).then_some(clock.host_tsc);
+    if host_tsc.is_none() {
+        log::debug!("snapshot: no host TSC from KVM; each TSC is advanced by the VMM's timing");
+    }
+    vcpus
+        .into_iter()
+        .map(|(mut state, read)| {
+            let paired = match (host_tsc, read.offset) {
+                (Some(host_tsc), Some(offset)) => Some(tsc::tsc_at(host_tsc, offset)),
+                _ => msr::tsc(&state.msrs)
+                    .zip(state.tsc_khz)
+                    .map(|(saved, khz)| {
+                        tsc::advance(saved, khz, clock_read.saturating_duration_since(read.at))
+                    }),
+            };
+            if let Some(value) = paired {
+                msr::set_tsc(&mut state.msrs, value);
+            }
+            state
+        })
+        .collect()
+}
+
+/// Loads kvmclock and sets each restored vCPU's TSC as far past its saved value as kvmclock
+/// is past its own (see [`tsc`]). The TSCs were loaded at `first_tsc`, with their MSRs; KVM
+/// keeps later vCPUs' in step with the first one's.
+fn restore_clocks(
+    vm: &Vm,
+    state: &MicrovmState,
+    vcpus: &[Vcpu],
+    first_tsc: Option<Instant>,
+) -> Result<(), PersistError> {
+    let what = "cannot restore kvmclock and the TSCs";
+    // Exact when KVM sets offsets on this host and reads kvmclock with its host TSC.
+    let offsets_settable = vcpus.iter().all(|v| v.tsc_offset().is_some());
+    if offsets_settable {
+        vm.restore_clock(&state.vm, Duration::ZERO)
+            .map_err(|e| failed(what, &e))?;
+        let now = vm.clock().map_err(|e| failed(what, &e))?;
+        if now.flags & KVM_CLOCK_HOST_TSC != 0 {
+            let since = Duration::from_nanos(now.clock.saturating_sub(state.vm.clock.clock));
+            log::debug!(
+                "restore: TSCs set from kvmclock's host TSC, {since:?} past the saved clock"
+            );
+            for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
+                if let Some((tsc, khz)) = msr::tsc(&saved.msrs).zip(saved.tsc_khz) {
+                    vcpu.set_tsc_offset(tsc::offset_for(tsc, khz, since, now.host_tsc))
+                        .map_err(|e| failed(what, &e))?;
+                }
+            }
+            return Ok(());
+        }
+    }
+    log::debug!("restore: no host TSC from KVM; kvmclock follows the TSCs by the VMM's timing");
+    let since_tsc = first_tsc.map(|t| t.elapsed()).unwrap_or_default();
+    vm.restore_clock(&state.vm, since_tsc)
+        .map_err(|e| failed(what, &e))
 }
 
 /// Writes the memory file and moves the VM's memory base forward.
@@ -530,7 +585,7 @@ pub fn restore(
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     let mut first_tsc = None;
     for (index, saved) in state.vcpus.iter().enumerate() {
-        let vcpu = Vcpu::new(&vm, index as u8).map_err(|e| build(e.into()))?;
+        let mut vcpu = Vcpu::new(&vm, index as u8).map_err(|e| build(e.into()))?;
         let tsc_loaded = vcpu
             .restore_state(saved)
             .map_err(|e| failed("cannot restore a vCPU", &e))?;
@@ -538,9 +593,7 @@ pub fn restore(
         first_tsc.get_or_insert(tsc_loaded);
         vcpus.push(vcpu);
     }
-    let since_tsc = first_tsc.map(|t| t.elapsed()).unwrap_or_default();
-    vm.restore_clock(&state.vm, since_tsc)
-        .map_err(|e| failed("cannot restore kvmclock", &e))?;
+    restore_clocks(&vm, &state, &vcpus, first_tsc)?;
     let cpus = start.elapsed();
     let mut legacy = builder::legacy_devices(&config, &vm, state.serial.as_ref()).map_err(build)?;
 

@@ -23,7 +23,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::vm::Vm;
 use crate::arch::x86_64::boot::Entry;
-use crate::arch::x86_64::{cpuid, lapic, msr, regs};
+use crate::arch::x86_64::{cpuid, lapic, msr, regs, tsc};
 use crate::devices::bus::Bus;
 use crate::devices::virtio::GuestMemoryMmap;
 
@@ -140,6 +140,19 @@ impl VcpuShared {
 pub struct Vcpu {
     fd: VcpuFd,
     index: u8,
+    /// Whether KVM scales this vCPU's TSC: a snapshot restored on a host of another TSC
+    /// frequency. Its TSC is then no longer the host's plus an offset.
+    tsc_scaled: bool,
+}
+
+/// How a vCPU's TSC was read for a snapshot, to pair it with kvmclock (see
+/// [`crate::arch::x86_64::tsc`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TscRead {
+    /// Just after KVM_GET_MSRS read it.
+    pub at: Instant,
+    /// The vCPU's TSC offset, unless the host cannot report it or the TSC is scaled.
+    pub offset: Option<u64>,
 }
 
 /// The error of a failed KVM call `what` on vCPU `index`.
@@ -162,14 +175,18 @@ impl Vcpu {
                 index,
                 source,
             })?;
-        Ok(Self { fd, index })
+        Ok(Self {
+            fd,
+            index,
+            tsc_scaled: false,
+        })
     }
 
-    /// Reads the vCPU's whole state, and when its TSC had the saved value. Call it only
+    /// Reads the vCPU's whole state, and how its TSC was read. Call it only
     /// between two KVM_RUNs: it first lets KVM finish an instruction whose port or MMIO access
     /// the VMM has just served (an `immediate_exit` run), so the saved registers hold its
     /// result.
-    pub fn save_state(&mut self, msr_indices: &[u32]) -> Result<(VcpuState, Instant), VcpuError> {
+    pub fn save_state(&mut self, msr_indices: &[u32]) -> Result<(VcpuState, TscRead), VcpuError> {
         let index = self.index;
         let kvm = |what| kvm_err(index, what);
         self.fd.set_kvm_immediate_exit(1);
@@ -187,7 +204,10 @@ impl Vcpu {
             .to_vec();
         let msrs =
             msr::save_msrs(fd, msr_indices).map_err(|source| VcpuError::Msr { index, source })?;
-        let tsc_read = Instant::now();
+        let tsc_read = TscRead {
+            at: Instant::now(),
+            offset: self.tsc_offset(),
+        };
         let state = VcpuState {
             cpuid,
             msrs,
@@ -210,18 +230,19 @@ impl Vcpu {
 
     /// Loads a state saved by [`Vcpu::save_state`], in the order KVM needs: CPUID first, the
     /// LAPIC before the MSRs (the TSC deadline timer), the pending events last. Returns when
-    /// the TSC took its saved value (see [`super::vm::Vm::restore_clock`]).
-    pub fn restore_state(&self, state: &VcpuState) -> Result<Instant, VcpuError> {
+    /// the TSC took its saved value (see [`crate::arch::x86_64::tsc`]).
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<Instant, VcpuError> {
         let index = self.index;
         let kvm = |what| kvm_err(index, what);
-        let fd = &self.fd;
         if let Some(khz) = state.tsc_khz {
-            if fd.get_tsc_khz().ok() != Some(khz) {
-                if let Err(e) = fd.set_tsc_khz(khz) {
-                    log::warn!("vCPU {index}: cannot set the TSC to {khz} kHz: {e}");
+            if self.fd.get_tsc_khz().ok() != Some(khz) {
+                match self.fd.set_tsc_khz(khz) {
+                    Ok(()) => self.tsc_scaled = true,
+                    Err(e) => log::warn!("vCPU {index}: cannot set the TSC to {khz} kHz: {e}"),
                 }
             }
         }
+        let fd = &self.fd;
         let cpuid = CpuId::from_entries(&state.cpuid).map_err(|_| VcpuError::Save {
             index,
             message: format!("{} CPUID entries are too many", state.cpuid.len()),
@@ -244,6 +265,20 @@ impl Vcpu {
         fd.set_vcpu_events(&state.events)
             .map_err(kvm("set the pending events"))?;
         Ok(tsc_loaded)
+    }
+
+    /// The vCPU's TSC offset: `None` if KVM cannot report it (before Linux 5.16) or scales
+    /// the TSC, when the guest TSC is not the host's plus the offset.
+    pub fn tsc_offset(&self) -> Option<u64> {
+        if self.tsc_scaled {
+            return None;
+        }
+        tsc::offset(&self.fd)
+    }
+
+    /// Sets the vCPU's TSC offset (see [`crate::arch::x86_64::tsc`]).
+    pub fn set_tsc_offset(&self, offset: u64) -> Result<(), VcpuError> {
+        tsc::set_offset(&self.fd, offset).map_err(kvm_err(self.index, "set the TSC offset"))
     }
 
     /// Sets CPUID, MSRs, FPU, XCR0 and LAPIC; on the boot vCPU also the entry registers.
@@ -295,7 +330,7 @@ struct ControlState {
 #[derive(Debug)]
 struct SaveRequest {
     msr_indices: Arc<Vec<u32>>,
-    results: Vec<Option<Result<(VcpuState, Instant), VcpuError>>>,
+    results: Vec<Option<Result<(VcpuState, TscRead), VcpuError>>>,
 }
 
 /// The run/pause/stop state all vCPU threads follow.
@@ -434,12 +469,12 @@ impl VcpuThreads {
         }
     }
 
-    /// Saves every vCPU's state, with when its TSC was read; the vCPUs must be paused. Each
+    /// Saves every vCPU's state, with how its TSC was read; the vCPUs must be paused. Each
     /// vCPU thread saves its own.
     pub fn save_states(
         &self,
         msr_indices: Vec<u32>,
-    ) -> Result<Vec<(VcpuState, Instant)>, VcpuError> {
+    ) -> Result<Vec<(VcpuState, TscRead)>, VcpuError> {
         let count = self.threads.len();
         let mut state = self.control.lock();
         if state.requested != Requested::Pause || state.parked < count {

@@ -177,20 +177,23 @@ impl Vm {
         Ok(())
     }
 
-    /// Loads kvmclock from `state`, once the vCPUs' TSCs are loaded. It continues from the
-    /// saved value, so guest monotonic time does not jump over the time the VM spent saved
-    /// (the agent's restore notification sets the wall clock), advanced by `since_tsc`, the
-    /// time since the TSCs took their saved values: the two clocks then stand as far apart as
-    /// when they were saved. The guest's clocksource watchdog compares them and marks the TSC
-    /// unstable over a skew of 0.4 ms (see `msr::advance_tsc`).
-    pub fn restore_clock(&self, state: &VmState, since_tsc: Duration) -> Result<(), VmError> {
-        let since = u64::try_from(since_tsc.as_nanos()).unwrap_or(u64::MAX);
+    /// Loads kvmclock from `state`, advanced by `since`. It continues from the saved value, so
+    /// guest monotonic time does not jump over the time the VM spent saved (the agent's
+    /// restore notification sets the wall clock). The vCPUs' TSCs must follow it (see
+    /// [`crate::arch::x86_64::tsc`]).
+    pub fn restore_clock(&self, state: &VmState, since: Duration) -> Result<(), VmError> {
+        let since = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
         let clock = kvm_clock_data {
             clock: state.clock.clock.saturating_add(since),
             ..Default::default()
         };
         self.fd.set_clock(&clock).map_err(kvm("restore kvmclock"))?;
         Ok(())
+    }
+
+    /// Reads kvmclock, with the host TSC of the moment when KVM has it (`KVM_CLOCK_HOST_TSC`).
+    pub fn clock(&self) -> Result<kvm_clock_data, VmError> {
+        self.fd.get_clock().map_err(kvm("read kvmclock"))
     }
 
     /// The KVM VM file descriptor.

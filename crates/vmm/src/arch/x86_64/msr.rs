@@ -79,7 +79,7 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), MsrError> {
 /// first MSR it cannot read; that one is skipped (some listed MSRs depend on CPU features the
 /// guest does not have) and the rest are read on. The TSC is read last (and so comes last in
 /// the result, and is written last on restore), so the moment this returns is the moment the
-/// TSC had the saved value, which [`advance_tsc`] relies on.
+/// TSC had the saved value, which the fallback of [`super::tsc`] relies on.
 pub fn save_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, MsrError> {
     let ordered = tsc_last(indices);
     let mut saved = Vec::with_capacity(ordered.len());
@@ -137,16 +137,19 @@ fn tsc_last(indices: &[u32]) -> Vec<u32> {
     ordered
 }
 
-/// Moves the saved TSC in `entries` forward by `by` at `khz` kHz: the value it had `by`
-/// later. A snapshot reads kvmclock a little after the TSCs; the guest's clocksource
-/// watchdog compares the two, and marks the TSC unstable if they drift apart by more than
-/// 0.4 ms (Linux 6.1: the two clocksources' uncertainty margins, 200 us each), then spends a
-/// kernel thread on the switch. So both are saved as of the same moment.
-pub fn advance_tsc(entries: &mut [kvm_msr_entry], khz: u32, by: std::time::Duration) {
-    let cycles = by.as_nanos() * u128::from(khz) / 1_000_000;
-    let cycles = u64::try_from(cycles).unwrap_or(u64::MAX);
+/// The TSC among saved MSRs `entries`, if it was saved.
+pub fn tsc(entries: &[kvm_msr_entry]) -> Option<u64> {
+    entries
+        .iter()
+        .find(|e| e.index == MSR_IA32_TSC)
+        .map(|e| e.data)
+}
+
+/// Replaces the TSC among saved MSRs `entries` by `value`: a snapshot saves it as of the
+/// moment kvmclock was read (see [`super::tsc`]).
+pub fn set_tsc(entries: &mut [kvm_msr_entry], value: u64) {
     for entry in entries.iter_mut().filter(|e| e.index == MSR_IA32_TSC) {
-        entry.data = entry.data.wrapping_add(cycles);
+        entry.data = value;
     }
 }
 
@@ -176,26 +179,17 @@ mod tests {
     }
 
     #[test]
-    fn test_advance_tsc_adds_the_cycles_of_the_interval_to_the_tsc_only() {
+    fn test_set_tsc_replaces_the_tsc_only() {
         let mut entries = boot_msr_entries();
         for e in &mut entries {
             e.data = 1000;
         }
 
-        // 2.5 ms at 2 GHz is 5,000,000 cycles.
-        advance_tsc(
-            &mut entries,
-            2_000_000,
-            std::time::Duration::from_micros(2500),
-        );
+        set_tsc(&mut entries, 5_001_000);
 
-        for e in &entries {
-            let want = if e.index == MSR_IA32_TSC {
-                5_001_000
-            } else {
-                1000
-            };
-            assert_eq!(e.data, want, "MSR {:#x}", e.index);
+        assert_eq!(tsc(&entries), Some(5_001_000));
+        for e in entries.iter().filter(|e| e.index != MSR_IA32_TSC) {
+            assert_eq!(e.data, 1000, "MSR {:#x}", e.index);
         }
     }
 }
