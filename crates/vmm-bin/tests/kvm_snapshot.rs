@@ -486,13 +486,23 @@ async fn test_corrupt_snapshots_are_rejected_and_working_sets_prefetched() {
     wait_agent(&good).await;
 
     // Its working set, recorded into the snapshot, is faulted in by the next restore.
-    let recorded = ok(request(
+    let recording = ok(request(
         &good.api,
         json!({"action": "record_working_set", "path": snap}),
-    ))["working_set_bytes"]
+    ));
+    let recorded = recording["working_set_bytes"]
         .as_u64()
         .expect("working_set_bytes");
+    let written = recording["working_set_written_bytes"]
+        .as_u64()
+        .expect("working_set_written_bytes");
     assert!(recorded > 0, "an empty working set");
+    // The guest wrote (its stacks, the agent's buffers), but not every page it touched.
+    assert!(
+        written > 0 && written < recorded,
+        "written {written} of {recorded} bytes"
+    );
+    assert!(snap.join("workingset-written").exists());
     good.shutdown().await;
     let warm = Vmm::spawn(&scratch, "warm");
     let result = ok(request(

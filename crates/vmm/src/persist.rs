@@ -40,6 +40,9 @@ pub const STATE_FILE: &str = "vmstate";
 pub const MEMORY_FILE: &str = "memory";
 /// The recorded working set's file name in a snapshot directory (optional).
 pub const WORKING_SET_FILE: &str = "workingset";
+/// The file of the working set's pages the VM had written (optional, a [`WorkingSet`] too):
+/// a restore that prefetches gives each its private copy ahead of the guest.
+pub const WORKING_SET_WRITTEN_FILE: &str = "workingset-written";
 
 /// Why a snapshot could not be taken or restored.
 #[derive(Debug, thiserror::Error)]
@@ -423,10 +426,11 @@ fn save_drives(config: &VmConfig, dir: &Path) -> Result<Vec<DriveState>, Persist
 }
 
 /// Records the working set of `vm`, which must have been restored from a snapshot, into
-/// `dir` (that snapshot's directory): the pages the VM has touched since its restore. Record
-/// it once the guest has done what later restores should be quick to do (the agent answered,
-/// the app listens). Returns the recorded bytes.
-pub fn record_working_set(vm: &MicroVm, dir: &Path) -> Result<u64, PersistError> {
+/// `dir` (that snapshot's directory): the pages the VM has touched since its restore, and
+/// apart those of them it wrote. Record it once the guest has done what later restores should
+/// be quick to do (the agent answered, the app listens). Returns the recorded bytes, all and
+/// written.
+pub fn record_working_set(vm: &MicroVm, dir: &Path) -> Result<(u64, u64), PersistError> {
     if vm.memory_base.as_ref().is_none_or(|b| !b.mapped) {
         return Err(request(
             "action",
@@ -443,30 +447,58 @@ pub fn record_working_set(vm: &MicroVm, dir: &Path) -> Result<u64, PersistError>
             ),
         ));
     }
-    let runs =
+    let (runs, written) =
         memory::working_set(&vm.mem).map_err(|e| failed("cannot read the working set", &e))?;
-    let bytes = runs
-        .iter()
-        .map(|&(_, pages)| pages * memory::PAGE_SIZE)
-        .sum();
-    snapshot::write(
-        &dir.join(WORKING_SET_FILE),
-        &WorkingSet {
-            mib: vm.memory_mib,
-            runs,
-        },
-    )?;
-    Ok(bytes)
+    let bytes = |runs: &PageRuns| -> u64 {
+        runs.iter()
+            .map(|&(_, pages)| pages * memory::PAGE_SIZE)
+            .sum()
+    };
+    let recorded = (bytes(&runs), bytes(&written));
+    // The written runs first: a reader pairing a new working set with an older written file
+    // only copies some pages early, which changes none of their bytes.
+    for (file, runs) in [
+        (WORKING_SET_WRITTEN_FILE, written),
+        (WORKING_SET_FILE, runs),
+    ] {
+        snapshot::write(
+            &dir.join(file),
+            &WorkingSet {
+                mib: vm.memory_mib,
+                runs,
+            },
+        )?;
+    }
+    Ok(recorded)
 }
 
-/// Faults in the working set recorded in `dir`, if there is one.
+/// Faults in the working set recorded in `dir`, if there is one, giving the pages the VM
+/// had written their private copies first (see [`memory::prefetch`]).
 fn prefetch(dir: &Path, mem: &GuestMemoryMmap, mib: u64) -> Result<RestoreReport, PersistError> {
     let path = dir.join(WORKING_SET_FILE);
     if !path.exists() {
         return Ok(RestoreReport::default());
     }
     let start = Instant::now();
-    let set: WorkingSet = snapshot::read(&path)?;
+    let set = read_working_set(&path, mib)?;
+    // Snapshots recorded before 2026-12-03 have no written file.
+    let written_path = dir.join(WORKING_SET_WRITTEN_FILE);
+    let written = if written_path.exists() {
+        read_working_set(&written_path, mib)?.runs
+    } else {
+        PageRuns::new()
+    };
+    let prefetched_bytes = memory::prefetch(mem, &set.runs, &written)
+        .map_err(|e| failed(&path.display().to_string(), &e))?;
+    Ok(RestoreReport {
+        prefetched_bytes,
+        prefetch_ms: ms(start.elapsed()),
+    })
+}
+
+/// The working set file at `path`, checked against the snapshot's `mib` of memory.
+fn read_working_set(path: &Path, mib: u64) -> Result<WorkingSet, PersistError> {
+    let set: WorkingSet = snapshot::read(path)?;
     if set.mib != mib {
         return Err(request(
             "path",
@@ -477,12 +509,7 @@ fn prefetch(dir: &Path, mem: &GuestMemoryMmap, mib: u64) -> Result<RestoreReport
             ),
         ));
     }
-    let prefetched_bytes =
-        memory::prefetch(mem, &set.runs).map_err(|e| failed(&path.display().to_string(), &e))?;
-    Ok(RestoreReport {
-        prefetched_bytes,
-        prefetch_ms: ms(start.elapsed()),
-    })
+    Ok(set)
 }
 
 /// What a restore may change from the snapshot's configuration: each clone needs its own

@@ -26,7 +26,7 @@
 //! > {"version":1,"action":"restore","path":"/srv/snap/1","overrides":{"vsock_uds_path":"/run/c1.sock"}}
 //! < {"version":1,"ok":true,"result":{"state":"running","restore_ms":4.1,...}}
 //! > {"version":1,"action":"record_working_set","path":"/srv/snap/1"}
-//! < {"version":1,"ok":true,"result":{"state":"running","working_set_bytes":9437184}}
+//! < {"version":1,"ok":true,"result":{"state":"running","working_set_bytes":9437184,"working_set_written_bytes":1048576}}
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -262,8 +262,12 @@ impl Controller {
             (VmState::Running | VmState::Paused, Some(vm)) => vm,
             _ => return Err(RpcError::new("the VM is not running")),
         };
-        let bytes = persist::record_working_set(vm, dir).map_err(persist_error)?;
-        Ok(json!({"state": self.state, "working_set_bytes": bytes}))
+        let (bytes, written) = persist::record_working_set(vm, dir).map_err(persist_error)?;
+        Ok(json!({
+            "state": self.state,
+            "working_set_bytes": bytes,
+            "working_set_written_bytes": written,
+        }))
     }
 
     /// Takes a configuration (JSON text); only before the VM starts.

@@ -602,10 +602,11 @@ impl Suite<'_> {
             json!({"action": "record_working_set", "path": snapshot}),
             RPC_TIMEOUT,
         )?;
-        let bytes = result["working_set_bytes"].as_f64().unwrap_or(f64::NAN);
+        let mib = |key: &str| result[key].as_f64().unwrap_or(f64::NAN) / f64::from(1 << 20);
         eprintln!(
-            "bench: the image's working set is {:.1} MiB",
-            bytes / f64::from(1 << 20)
+            "bench: the image's working set is {:.1} MiB, {:.1} MiB of it written",
+            mib("working_set_bytes"),
+            mib("working_set_written_bytes")
         );
         Ok(())
     }

@@ -271,41 +271,102 @@ impl Pagemap {
 
     /// The runs of pages among the `pages` pages mapped at `host` that the host holds for
     /// this mapping (present in RAM or swapped out), as page indexes from `host`.
-    fn held_runs(&self, host: *mut u8, pages: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
+    /// The runs of the `pages` pages at `host` whose pagemap entry satisfies `pick`.
+    fn runs(
+        &self,
+        host: *mut u8,
+        pages: u64,
+        pick: impl Fn(u64) -> bool,
+    ) -> Result<Vec<(u64, u64)>, MemoryError> {
         let mut entries = vec![0u8; (pages * 8) as usize];
         self.0
             .read_exact_at(&mut entries, (host as u64 / PAGE_SIZE) * 8)
             .map_err(file_err("cannot read", Path::new(Self::PATH)))?;
-        let held = |page: u64| {
+        let picked = |page: u64| {
             let i = (page * 8) as usize;
-            let entry = u64::from_le_bytes(entries[i..i + 8].try_into().unwrap_or_default());
-            // Bit 63: present in RAM; bit 62: swapped out.
-            entry & (3 << 62) != 0
+            pick(u64::from_le_bytes(
+                entries[i..i + 8].try_into().unwrap_or_default(),
+            ))
         };
-        Ok(runs_of(pages, held))
+        Ok(runs_of(pages, picked))
+    }
+
+    fn held_runs(&self, host: *mut u8, pages: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
+        self.runs(host, pages, pagemap_held)
+    }
+}
+
+/// Pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+
+/// Whether a page is held: present in RAM or swapped out.
+fn pagemap_held(entry: u64) -> bool {
+    entry & (PM_PRESENT | PM_SWAPPED) != 0
+}
+
+/// Whether a page of a private file mapping was written: its own copy, present (not the
+/// file's page cache page) or swapped out (only private copies swap).
+fn pagemap_written(entry: u64) -> bool {
+    entry & PM_SWAPPED != 0 || (entry & PM_PRESENT != 0 && entry & PM_FILE == 0)
+}
+
+impl Pagemap {
+    fn written_runs(&self, host: *mut u8, pages: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
+        self.runs(host, pages, pagemap_written)
     }
 }
 
 /// The working set of a restored VM: the pages of its memory file layout that its mappings
 /// hold, which (the mappings being MAP_PRIVATE of files, so faulted in on first use) are the
-/// pages the guest or the devices have touched since the restore.
-pub fn working_set(mem: &GuestMemoryMmap) -> Result<PageRuns, MemoryError> {
+/// pages the guest or the devices have touched since the restore; and apart, those of them
+/// that were written (the mappings hold private copies of them).
+pub fn working_set(mem: &GuestMemoryMmap) -> Result<(PageRuns, PageRuns), MemoryError> {
     let pagemap = Pagemap::open()?;
     let mut runs = Vec::new();
+    let mut written = Vec::new();
     for (host, offset, size) in file_layout(mem) {
         for (first, count) in pagemap.held_runs(host, size / PAGE_SIZE)? {
             runs.push((offset / PAGE_SIZE + first, count));
         }
+        for (first, count) in pagemap.written_runs(host, size / PAGE_SIZE)? {
+            written.push((offset / PAGE_SIZE + first, count));
+        }
     }
-    Ok(runs)
+    Ok((runs, written))
 }
 
 /// Faults the pages of `runs` (memory file layout) into the mappings of `mem` ahead of the
 /// guest (`MADV_POPULATE_READ`; `MADV_WILLNEED`, which only reads ahead, on kernels before
-/// 5.14), so the guest's first touch of each finds it mapped. Runs outside `mem` are an error.
-/// Returns the bytes prefetched.
-pub fn prefetch(mem: &GuestMemoryMmap, runs: &PageRuns) -> Result<u64, MemoryError> {
+/// 5.14), so the guest's first touch of each finds it mapped. The pages of `written` get
+/// their private copies first (`MADV_POPULATE_WRITE`): KVM maps a page the host maps
+/// read-only (a private file page not yet copied) read-only into the guest, so a page the
+/// guest reads and then writes costs it two exits, each tens of microseconds under nested
+/// virtualisation. Runs outside `mem` are an error. Returns the bytes prefetched.
+pub fn prefetch(
+    mem: &GuestMemoryMmap,
+    runs: &PageRuns,
+    written: &PageRuns,
+) -> Result<u64, MemoryError> {
     let layout = file_layout(mem);
+    for &(first, pages) in written {
+        let (addr, _, len) = locate_run(&layout, first, pages)?;
+        // SAFETY: as below. The private copy holds the file's bytes, as the one the guest's
+        // first write would have made.
+        let rc = unsafe { libc::madvise(addr.cast(), len as usize, libc::MADV_POPULATE_WRITE) };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINVAL) {
+                // Before Linux 5.14: the guest's writes make the copies.
+                break;
+            }
+            return Err(MemoryError::Map {
+                mib: mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
+                detail: format!("copying pages {first}+{pages} ahead: {err}"),
+            });
+        }
+    }
     let mut bytes = 0u64;
     let mut advice = libc::MADV_POPULATE_READ;
     for &(first, pages) in runs {
@@ -526,7 +587,7 @@ mod tests {
         let dir = scratch("ws");
         let mem = restored(&dir, 300, 7);
 
-        assert_eq!(working_set(&mem).expect("working set"), vec![]);
+        assert_eq!(working_set(&mem).expect("working set"), (vec![], vec![]));
         assert_eq!(
             mem.read_obj::<u8>(GuestAddress(300 * PAGE_SIZE))
                 .expect("read"),
@@ -537,9 +598,10 @@ mod tests {
                 .expect("write");
         }
 
+        // Page 300 was only read: it is the file's page, held but not written.
         assert_eq!(
             working_set(&mem).expect("working set"),
-            vec![(10, 3), (300, 1)]
+            (vec![(10, 3), (300, 1)], vec![(10, 3)])
         );
         std::fs::remove_dir_all(dir).expect("cleanup");
     }
@@ -549,12 +611,13 @@ mod tests {
         let dir = scratch("prefetch");
         let mem = restored(&dir, 301, 9);
 
-        let bytes = prefetch(&mem, &vec![(300, 4), (1000, 1)]).expect("prefetch");
+        let bytes = prefetch(&mem, &vec![(300, 4), (1000, 1)], &vec![(301, 1)]).expect("prefetch");
 
         assert_eq!(bytes, 5 * PAGE_SIZE);
         // The kernel maps the page cache around a read fault (fault-around), so the set may
-        // hold more than the runs, never less.
-        let held = working_set(&mem).expect("working set");
+        // hold more than the runs, never less; only page 301 has its own copy.
+        let (held, written) = working_set(&mem).expect("working set");
+        assert_eq!(written, vec![(301, 1)]);
         let holds = |page: u64| held.iter().any(|&(f, n)| (f..f + n).contains(&page));
         assert!((300..304).chain([1000]).all(holds), "{held:?}");
         assert!(!holds(5000), "{held:?}");
@@ -578,7 +641,11 @@ mod tests {
             vec![(0, u64::MAX)],
         ] {
             assert!(matches!(
-                prefetch(&mem, &runs),
+                prefetch(&mem, &runs, &vec![]),
+                Err(MemoryError::Run { .. })
+            ));
+            assert!(matches!(
+                prefetch(&mem, &vec![], &runs),
                 Err(MemoryError::Run { .. })
             ));
         }
