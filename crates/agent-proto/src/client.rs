@@ -320,11 +320,21 @@ impl AgentClient {
     }
 
     /// Retries the handshake until the agent answers or `timeout` passes (the guest may still
-    /// be booting, or the VMM not yet listening).
+    /// be booting, or the VMM not yet listening), giving each attempt 5 s.
     pub async fn wait_ready(&self, timeout: Duration) -> Result<AgentInfo, ClientError> {
+        self.wait_ready_with(timeout, Duration::from_secs(5)).await
+    }
+
+    /// [`AgentClient::wait_ready`], giving up on each attempt after `attempt`: a connection
+    /// the guest never answers (a request lost across a restore) costs that long.
+    pub async fn wait_ready_with(
+        &self,
+        timeout: Duration,
+        attempt: Duration,
+    ) -> Result<AgentInfo, ClientError> {
         let start = Instant::now();
         loop {
-            let attempt = tokio::time::timeout(Duration::from_secs(5), self.hello()).await;
+            let attempt = tokio::time::timeout(attempt, self.hello()).await;
             match attempt {
                 Ok(Ok(info)) => return Ok(info),
                 Ok(Err(e)) if start.elapsed() >= timeout => return Err(e),
