@@ -144,6 +144,20 @@ pub struct RestoreReport {
     /// Bytes of the recorded working set faulted in before the vCPUs ran.
     pub prefetched_bytes: u64,
     pub prefetch_ms: f64,
+    /// How the TSCs were loaded in step with kvmclock.
+    pub clock_pairing: ClockPairing,
+}
+
+/// How a restore loaded the vCPUs' TSCs in step with kvmclock (see [`tsc`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockPairing {
+    /// Exactly, through the host TSC KVM read kvmclock with, and the vCPUs' TSC offsets.
+    HostTsc,
+    /// By the VMM's timing of its own ioctls: the host has no KVM master clock, or KVM
+    /// cannot set TSC offsets (before Linux 5.16).
+    #[default]
+    Timed,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -278,11 +292,15 @@ fn restore_clocks(
     state: &MicrovmState,
     vcpus: &[Vcpu],
     first_tsc: Option<Instant>,
-) -> Result<(), PersistError> {
+) -> Result<ClockPairing, PersistError> {
     let what = "cannot restore kvmclock and the TSCs";
     // Exact when KVM sets offsets on this host and reads kvmclock with its host TSC.
     let offsets_settable = vcpus.iter().all(|v| v.tsc_offset().is_some());
-    if offsets_settable {
+    if !offsets_settable {
+        log::debug!(
+            "restore: KVM sets no TSC offsets; kvmclock follows the TSCs by the VMM's timing"
+        );
+    } else {
         vm.restore_clock(&state.vm, Duration::ZERO)
             .map_err(|e| failed(what, &e))?;
         let now = vm.clock().map_err(|e| failed(what, &e))?;
@@ -297,13 +315,17 @@ fn restore_clocks(
                         .map_err(|e| failed(what, &e))?;
                 }
             }
-            return Ok(());
+            return Ok(ClockPairing::HostTsc);
         }
+        log::debug!(
+            "restore: KVM read kvmclock without its host TSC (no master clock); kvmclock \
+             follows the TSCs by the VMM's timing"
+        );
     }
-    log::debug!("restore: no host TSC from KVM; kvmclock follows the TSCs by the VMM's timing");
     let since_tsc = first_tsc.map(|t| t.elapsed()).unwrap_or_default();
     vm.restore_clock(&state.vm, since_tsc)
-        .map_err(|e| failed(what, &e))
+        .map_err(|e| failed(what, &e))?;
+    Ok(ClockPairing::Timed)
 }
 
 /// Writes the memory file and moves the VM's memory base forward.
@@ -493,6 +515,7 @@ fn prefetch(dir: &Path, mem: &GuestMemoryMmap, mib: u64) -> Result<RestoreReport
     Ok(RestoreReport {
         prefetched_bytes,
         prefetch_ms: ms(start.elapsed()),
+        ..RestoreReport::default()
     })
 }
 
@@ -609,18 +632,27 @@ pub fn restore(
     // that queue again until the driver catches up: the queue would stall for good.
     vm.restore_state(&state.vm)
         .map_err(|e| failed("cannot restore the irqchip or the PIT", &e))?;
-    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    // Every vCPU exists before any TSC is loaded. KVM writes 0 to a new vCPU's TSC, and it
+    // gives a TSC written within a second of the last write's expected value the same offset
+    // (matching). Created in between, a vCPU's 0 would come between the saved TSCs, and the
+    // next vCPU's write would no longer match: the vCPUs' TSCs would differ by the time
+    // between their writes, and KVM would run no master clock (so no exact pairing, below).
+    let mut vcpus = (0..state.vcpus.len())
+        .map(|index| Vcpu::new(&vm, index as u8))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| build(e.into()))?;
     let mut first_tsc = None;
-    for (index, saved) in state.vcpus.iter().enumerate() {
-        let mut vcpu = Vcpu::new(&vm, index as u8).map_err(|e| build(e.into()))?;
+    for (vcpu, saved) in vcpus.iter_mut().zip(&state.vcpus) {
         let tsc_loaded = vcpu
             .restore_state(saved)
             .map_err(|e| failed("cannot restore a vCPU", &e))?;
-        // KVM keeps later vCPUs' TSCs in step with the first one's.
         first_tsc.get_or_insert(tsc_loaded);
-        vcpus.push(vcpu);
     }
-    restore_clocks(&vm, &state, &vcpus, first_tsc)?;
+    let clock_pairing = restore_clocks(&vm, &state, &vcpus, first_tsc)?;
+    let report = RestoreReport {
+        clock_pairing,
+        ..report
+    };
     let cpus = start.elapsed();
     let mut legacy = builder::legacy_devices(&config, &vm, state.serial.as_ref()).map_err(build)?;
 

@@ -253,6 +253,7 @@ impl Controller {
             "restore_ms": restore_ms,
             "prefetched_bytes": report.prefetched_bytes,
             "prefetch_ms": report.prefetch_ms,
+            "clock_pairing": report.clock_pairing,
         }))
     }
 
