@@ -685,15 +685,19 @@ impl Suite<'_> {
         let answered = start.elapsed();
         vm.0.wait_exit(EXIT_TIMEOUT)?;
         let exited = start.elapsed();
+        let report = &result["snapshot"];
+        let field = |key: &str| report[key].as_f64().unwrap_or(f64::NAN);
         eprintln!(
             "bench: hearth suspend: answered after {:.1} ms, exited 0 after {:.1} ms, \
-             {:.1} MiB of memory written",
+             {:.1} MiB of memory written (pause {:.1} ms; devices {:.1}, memory {:.1}, disks \
+             {:.1} ms)",
             ms(answered),
             ms(exited),
-            result["snapshot"]["memory_bytes"]
-                .as_f64()
-                .unwrap_or(f64::NAN)
-                / 1048576.0
+            field("memory_bytes") / 1048576.0,
+            result["pause_ms"].as_f64().unwrap_or(f64::NAN),
+            field("devices_ms"),
+            field("memory_ms"),
+            field("disks_ms"),
         );
         Ok(ms(answered))
     }
