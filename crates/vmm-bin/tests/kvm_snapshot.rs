@@ -94,8 +94,8 @@ impl Vmm {
     }
 
     /// Restores the snapshot in `snapshot` into a new VMM named `name`, with its own vsock
-    /// socket, data overlay and console. Returns the VMM and the reported restore time.
-    fn restore(scratch: &Scratch, name: &str, snapshot: &Path) -> (Self, f64) {
+    /// socket, data overlay and console. Returns the VMM and the restore's answer.
+    fn restore(scratch: &Scratch, name: &str, snapshot: &Path) -> (Self, Value) {
         let vmm = Self::spawn(scratch, name);
         let result = ok(request(
             &vmm.api,
@@ -109,13 +109,13 @@ impl Vmm {
                 },
             }),
         ));
-        let restore_ms = result["restore_ms"].as_f64().expect("restore_ms");
+        assert!(result["restore_ms"].is_f64(), "{result}");
         // With the host's clocksource the TSC, KVM runs its master clock, and the TSCs are
         // loaded in step with kvmclock exactly (needs Linux 5.16 for the TSC offsets).
         if host_clocksource_is_tsc() {
             assert_eq!(result["clock_pairing"], json!("host_tsc"), "{result}");
         }
-        (vmm, restore_ms)
+        (vmm, result)
     }
 
     fn agent(&self) -> AgentClient {
@@ -301,8 +301,8 @@ async fn test_suspend_resume_keeps_processes_files_listeners_and_fixes_clock() {
     // A long suspend: the guest's clock must catch up afterwards.
     tokio::time::sleep(Duration::from_secs(6)).await;
 
-    let (resumed, restore_ms) = Vmm::restore(&scratch, "resumed", &snap);
-    eprintln!("restore: {restore_ms:.1} ms");
+    let (resumed, result) = Vmm::restore(&scratch, "resumed", &snap);
+    eprintln!("restore: {result}");
     // A fresh connection over the restored vsock device: connections can be reopened.
     let agent = wait_agent(&resumed).await;
     notify_restored(&agent, 1).await;
@@ -383,8 +383,8 @@ async fn test_five_clones_have_private_disks_and_random_streams() {
 
     let mut clones = Vec::new();
     for i in 0..5 {
-        let (clone, restore_ms) = Vmm::restore(&scratch, &format!("clone{i}"), &snap);
-        eprintln!("clone{i}: restored in {restore_ms:.1} ms");
+        let (clone, result) = Vmm::restore(&scratch, &format!("clone{i}"), &snap);
+        eprintln!("clone{i}: {result}");
         clones.push(clone);
     }
     let mut randoms = Vec::new();
@@ -530,6 +530,13 @@ async fn test_corrupt_snapshots_are_rejected_and_working_sets_prefetched() {
     );
     assert!(snap.join("workingset-written").exists());
     good.shutdown().await;
+    // A default restore copies the written pages ahead and faults in nothing else.
+    let (copied, result) = Vmm::restore(&scratch, "copied", &snap);
+    assert_eq!(result["copied_bytes"], json!(written), "{result}");
+    assert_eq!(result["prefetched_bytes"], json!(0), "{result}");
+    let agent = wait_agent(&copied).await;
+    assert_eq!(sh(&agent, "echo copied").await, "copied");
+    copied.shutdown().await;
     let warm = Vmm::spawn(&scratch, "warm");
     let result = ok(request(
         &warm.api,
@@ -540,6 +547,7 @@ async fn test_corrupt_snapshots_are_rejected_and_working_sets_prefetched() {
     ));
     eprintln!("restore with the working set: {result}");
     assert_eq!(result["prefetched_bytes"], json!(recorded));
+    assert_eq!(result["copied_bytes"], json!(written));
     let agent = wait_agent(&warm).await;
     assert_eq!(sh(&agent, "echo warm").await, "warm");
     warm.shutdown().await;
@@ -566,6 +574,33 @@ async fn test_corrupt_snapshots_are_rejected_and_working_sets_prefetched() {
     let message = response["error"]["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("workingset") && message.contains("checksum"),
+        "{message}"
+    );
+    ok(request(&vmm.api, json!({"action": "stop"})));
+    vmm.wait_exit();
+
+    // So does a damaged written file, which even a default restore reads.
+    std::fs::remove_file(&path).expect("remove workingset");
+    let written_path = snap.join("workingset-written");
+    let mut bytes = std::fs::read(&written_path).expect("workingset-written");
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&written_path, bytes).expect("write");
+    let mut vmm = Vmm::spawn(&scratch, "bad-written");
+    let response = request(
+        &vmm.api,
+        json!({"action": "restore", "path": snap, "overrides": {
+            "vsock_uds_path": vmm.vsock,
+            "drives": {"data": {"overlay": scratch.path("bad-written.overlay")}},
+        }}),
+    );
+    assert_eq!(
+        response["ok"],
+        json!(false),
+        "a damaged written file was accepted"
+    );
+    let message = response["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("workingset-written") && message.contains("truncated"),
         "{message}"
     );
     ok(request(&vmm.api, json!({"action": "stop"})));

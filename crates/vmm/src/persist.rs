@@ -141,8 +141,12 @@ pub struct WorkingSet {
 /// What a restore did beyond building the VM, for the caller to report.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RestoreReport {
-    /// Bytes of the recorded working set faulted in before the vCPUs ran.
+    /// Bytes of the recorded working set's written pages given their copies before the vCPUs
+    /// ran.
+    pub copied_bytes: u64,
+    /// Bytes of the recorded working set faulted in before the vCPUs ran (with `prefetch`).
     pub prefetched_bytes: u64,
+    /// The time both took.
     pub prefetch_ms: f64,
     /// How the TSCs were loaded in step with kvmclock.
     pub clock_pairing: ClockPairing,
@@ -494,26 +498,40 @@ pub fn record_working_set(vm: &MicroVm, dir: &Path) -> Result<(u64, u64), Persis
     Ok(recorded)
 }
 
-/// Faults in the working set recorded in `dir`, if there is one, giving the pages the VM
-/// had written their private copies first (see [`memory::prefetch`]).
-fn prefetch(dir: &Path, mem: &GuestMemoryMmap, mib: u64) -> Result<RestoreReport, PersistError> {
-    let path = dir.join(WORKING_SET_FILE);
-    if !path.exists() {
-        return Ok(RestoreReport::default());
-    }
+/// Gets the memory of a VM restored from `dir` ready from the working set recorded there, if
+/// any: the pages the recording session wrote get their private copies (always: it is cheap,
+/// and saves the guest a second exit on each), and with `prefetch` every page of the working
+/// set is faulted in (see [`memory::prefetch`]).
+fn prefetch(
+    dir: &Path,
+    mem: &GuestMemoryMmap,
+    mib: u64,
+    prefetch: bool,
+) -> Result<RestoreReport, PersistError> {
     let start = Instant::now();
-    let set = read_working_set(&path, mib)?;
-    // Snapshots recorded before 2026-12-03 have no written file.
-    let written_path = dir.join(WORKING_SET_WRITTEN_FILE);
-    let written = if written_path.exists() {
-        read_working_set(&written_path, mib)?.runs
+    let load = |file: &str| -> Result<PageRuns, PersistError> {
+        let path = dir.join(file);
+        // Both files are optional; snapshots recorded before 2026-12-03 have no written one.
+        if path.exists() {
+            Ok(read_working_set(&path, mib)?.runs)
+        } else {
+            Ok(PageRuns::new())
+        }
+    };
+    let written = load(WORKING_SET_WRITTEN_FILE)?;
+    let read = if prefetch {
+        load(WORKING_SET_FILE)?
     } else {
         PageRuns::new()
     };
-    let prefetched_bytes = memory::prefetch(mem, &set.runs, &written)
-        .map_err(|e| failed(&path.display().to_string(), &e))?;
+    if written.is_empty() && read.is_empty() {
+        return Ok(RestoreReport::default());
+    }
+    let done = memory::prefetch(mem, &read, &written)
+        .map_err(|e| failed(&dir.join(WORKING_SET_FILE).display().to_string(), &e))?;
     Ok(RestoreReport {
-        prefetched_bytes,
+        copied_bytes: done.copied,
+        prefetched_bytes: done.read,
         prefetch_ms: ms(start.elapsed()),
         ..RestoreReport::default()
     })
@@ -571,8 +589,9 @@ fn resolve(dir: &Path, path: &Path) -> PathBuf {
     }
 }
 
-/// Builds a fresh VM from the snapshot in `dir`, with its vCPUs parked if `paused`; with
-/// `prefetch`, the snapshot's recorded working set (if any) is faulted in first.
+/// Builds a fresh VM from the snapshot in `dir`, with its vCPUs parked if `paused`. The pages
+/// of the snapshot's recorded working set (if any) that its session wrote get their copies
+/// first; with `prefetch`, the rest of the working set is faulted in too.
 pub fn restore(
     dir: &Path,
     overrides: &RestoreOverrides,
@@ -615,11 +634,7 @@ pub fn restore(
         .map(|runs| (diff_path.as_path(), runs));
     let mem = memory::restore(state.memory.mib, &base, diff)
         .map_err(|e| failed("cannot map the snapshot memory", &e))?;
-    let report = if prefetch {
-        self::prefetch(&dir, &mem, state.memory.mib)?
-    } else {
-        RestoreReport::default()
-    };
+    let report = self::prefetch(&dir, &mem, state.memory.mib, prefetch)?;
     let mapped = start.elapsed();
     log::debug!("restore: creating the VM");
     let mut vm = Vm::new(&kvm).map_err(|e| build(e.into()))?;

@@ -16,7 +16,8 @@
 //! Actions: `configure` (a `VmConfig`), `start`, `pause`, `resume`, `stop`, `describe`,
 //! `snapshot` (`path`, `kind`: `full` or `diff`, `stop`: end the VM once it is written, as a
 //! suspend does), `restore` (`path`, `overrides`, `paused`, `prefetch`: fault in the
-//! snapshot's recorded working set first, default false), which takes the place of `configure`
+//! snapshot's recorded working set first, default false; the working set's written pages are
+//! copied ahead either way), which takes the place of `configure`
 //! and `start`, and `record_working_set` (`path`: the snapshot directory the VM was restored
 //! from):
 //!
@@ -251,6 +252,7 @@ impl Controller {
         Ok(json!({
             "state": self.state,
             "restore_ms": restore_ms,
+            "copied_bytes": report.copied_bytes,
             "prefetched_bytes": report.prefetched_bytes,
             "prefetch_ms": report.prefetch_ms,
             "clock_pairing": report.clock_pairing,

@@ -337,43 +337,55 @@ pub fn working_set(mem: &GuestMemoryMmap) -> Result<(PageRuns, PageRuns), Memory
     Ok((runs, written))
 }
 
-/// Faults the pages of `runs` (memory file layout) into the mappings of `mem` ahead of the
-/// guest (`MADV_POPULATE_READ`; `MADV_WILLNEED`, which only reads ahead, on kernels before
-/// 5.14), so the guest's first touch of each finds it mapped. The pages of `written` get
-/// their private copies first (`MADV_POPULATE_WRITE`): KVM maps a page the host maps
+/// What [`prefetch`] did, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Prefetched {
+    /// Pages given their private copies ahead of the guest.
+    pub copied: u64,
+    /// Pages faulted in (or read ahead) from the memory file.
+    pub read: u64,
+}
+
+/// Gets guest memory ready ahead of the guest, in the memory file layout. The pages of
+/// `written` get their private copies (`MADV_POPULATE_WRITE`): KVM maps a page the host maps
 /// read-only (a private file page not yet copied) read-only into the guest, so a page the
 /// guest reads and then writes costs it two exits, each tens of microseconds under nested
-/// virtualisation. Runs outside `mem` are an error. Returns the bytes prefetched.
+/// virtualisation. Then the pages of `read` are faulted into the mappings of `mem`
+/// (`MADV_POPULATE_READ`; `MADV_WILLNEED`, which only reads ahead, on kernels before 5.14), so
+/// the guest's first touch of each finds it mapped. Before Linux 5.14 nothing is copied: the
+/// guest's writes make the copies. Runs outside `mem` are an error.
 pub fn prefetch(
     mem: &GuestMemoryMmap,
-    runs: &PageRuns,
+    read: &PageRuns,
     written: &PageRuns,
-) -> Result<u64, MemoryError> {
+) -> Result<Prefetched, MemoryError> {
     let layout = file_layout(mem);
+    let map_err = |what: &str, first: u64, pages: u64, err: io::Error| MemoryError::Map {
+        mib: mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
+        detail: format!("{what} pages {first}+{pages}: {err}"),
+    };
+    let mut done = Prefetched::default();
     for &(first, pages) in written {
         let (addr, _, len) = locate_run(&layout, first, pages)?;
-        // SAFETY: as below. The private copy holds the file's bytes, as the one the guest's
-        // first write would have made.
+        // SAFETY: `addr..addr + len` lies inside one region (`locate_run`), so it is that
+        // region's own mapping, alive while `mem` is borrowed. The private copy holds the
+        // file's bytes, as the one the guest's first write would have made.
         let rc = unsafe { libc::madvise(addr.cast(), len as usize, libc::MADV_POPULATE_WRITE) };
         if rc != 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EINVAL) {
-                // Before Linux 5.14: the guest's writes make the copies.
+                // Before Linux 5.14.
                 break;
             }
-            return Err(MemoryError::Map {
-                mib: mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
-                detail: format!("copying pages {first}+{pages} ahead: {err}"),
-            });
+            return Err(map_err("copying", first, pages, err));
         }
+        done.copied += len;
     }
-    let mut bytes = 0u64;
     let mut advice = libc::MADV_POPULATE_READ;
-    for &(first, pages) in runs {
+    for &(first, pages) in read {
         let (addr, _, len) = locate_run(&layout, first, pages)?;
-        // SAFETY: `addr..addr + len` lies inside one region (`locate_run`), so it is that
-        // region's own mapping, alive while `mem` is borrowed. Populating or reading
-        // ahead a private file mapping changes no byte of it.
+        // SAFETY: as above; populating or reading ahead a private file mapping changes no
+        // byte of it.
         let mut rc = unsafe { libc::madvise(addr.cast(), len as usize, advice) };
         if rc != 0
             && advice == libc::MADV_POPULATE_READ
@@ -384,17 +396,16 @@ pub fn prefetch(
             rc = unsafe { libc::madvise(addr.cast(), len as usize, advice) };
         }
         if rc != 0 {
-            return Err(MemoryError::Map {
-                mib: mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
-                detail: format!(
-                    "prefetching pages {first}+{pages}: {}",
-                    io::Error::last_os_error()
-                ),
-            });
+            return Err(map_err(
+                "prefetching",
+                first,
+                pages,
+                io::Error::last_os_error(),
+            ));
         }
-        bytes += len;
+        done.read += len;
     }
-    Ok(bytes)
+    Ok(done)
 }
 
 /// Writes the pages set in `pages` (one bitmap per region) at their offsets in the memory file
@@ -611,9 +622,15 @@ mod tests {
         let dir = scratch("prefetch");
         let mem = restored(&dir, 301, 9);
 
-        let bytes = prefetch(&mem, &vec![(300, 4), (1000, 1)], &vec![(301, 1)]).expect("prefetch");
+        let done = prefetch(&mem, &vec![(300, 4), (1000, 1)], &vec![(301, 1)]).expect("prefetch");
 
-        assert_eq!(bytes, 5 * PAGE_SIZE);
+        assert_eq!(
+            done,
+            Prefetched {
+                copied: PAGE_SIZE,
+                read: 5 * PAGE_SIZE
+            }
+        );
         // The kernel maps the page cache around a read fault (fault-around), so the set may
         // hold more than the runs, never less; only page 301 has its own copy.
         let (held, written) = working_set(&mem).expect("working set");
