@@ -118,6 +118,36 @@ impl Vmm {
         (vmm, result)
     }
 
+    /// Asks a new VMM named `name` to restore `snapshot` (with `prefetch`), which it must
+    /// refuse; checks that it lives on, not configured, and stops it. Returns the error message.
+    fn refused_restore(scratch: &Scratch, name: &str, snapshot: &Path, prefetch: bool) -> String {
+        let mut vmm = Self::spawn(scratch, name);
+        let response = request(
+            &vmm.api,
+            json!({"action": "restore", "path": snapshot, "prefetch": prefetch, "overrides": {
+                "vsock_uds_path": vmm.vsock,
+                "drives": {"data": {"overlay": scratch.path(&format!("{name}.overlay"))}},
+            }}),
+        );
+        assert_eq!(
+            response["ok"],
+            json!(false),
+            "{name}: the restore was accepted"
+        );
+        let message = response["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        // The VMM survives and still answers.
+        assert_eq!(
+            ok(request(&vmm.api, json!({"action": "describe"})))["state"],
+            json!("not_configured")
+        );
+        ok(request(&vmm.api, json!({"action": "stop"})));
+        vmm.wait_exit();
+        message
+    }
+
     fn agent(&self) -> AgentClient {
         AgentClient::new(&self.vsock)
     }
@@ -477,24 +507,8 @@ async fn test_corrupt_snapshots_are_rejected_and_working_sets_prefetched() {
             std::fs::copy(entry.path(), bad.join(entry.file_name())).expect("copy");
         }
         std::fs::write(bad.join("vmstate"), &bytes).expect("write");
-        let mut vmm = Vmm::spawn(&scratch, &format!("bad-{name}"));
-        let response = request(
-            &vmm.api,
-            json!({"action": "restore", "path": bad, "overrides": {
-                "vsock_uds_path": vmm.vsock,
-                "drives": {"data": {"overlay": scratch.path(&format!("bad-{name}.overlay"))}},
-            }}),
-        );
-        assert_eq!(response["ok"], json!(false), "{name} was accepted");
-        let message = response["error"]["message"].as_str().unwrap_or_default();
+        let message = Vmm::refused_restore(&scratch, &format!("bad-{name}"), &bad, false);
         assert!(message.contains(expected), "{name}: {message}");
-        // The VMM survives and still answers.
-        assert_eq!(
-            ok(request(&vmm.api, json!({"action": "describe"})))["state"],
-            json!("not_configured")
-        );
-        ok(request(&vmm.api, json!({"action": "stop"})));
-        vmm.wait_exit();
     }
     // The good snapshot still restores.
     let (good, _) = Vmm::restore(&scratch, "good", &snap);
@@ -558,26 +572,11 @@ async fn test_corrupt_snapshots_are_rejected_and_working_sets_prefetched() {
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&path, bytes).expect("write");
-    let mut vmm = Vmm::spawn(&scratch, "bad-workingset");
-    let response = request(
-        &vmm.api,
-        json!({"action": "restore", "path": snap, "prefetch": true, "overrides": {
-            "vsock_uds_path": vmm.vsock,
-            "drives": {"data": {"overlay": scratch.path("bad-workingset.overlay")}},
-        }}),
-    );
-    assert_eq!(
-        response["ok"],
-        json!(false),
-        "a damaged working set was accepted"
-    );
-    let message = response["error"]["message"].as_str().unwrap_or_default();
+    let message = Vmm::refused_restore(&scratch, "bad-workingset", &snap, true);
     assert!(
         message.contains("workingset") && message.contains("checksum"),
         "{message}"
     );
-    ok(request(&vmm.api, json!({"action": "stop"})));
-    vmm.wait_exit();
 
     // So does a damaged written file, which even a default restore reads.
     std::fs::remove_file(&path).expect("remove workingset");
@@ -585,24 +584,9 @@ async fn test_corrupt_snapshots_are_rejected_and_working_sets_prefetched() {
     let mut bytes = std::fs::read(&written_path).expect("workingset-written");
     bytes.truncate(bytes.len() / 2);
     std::fs::write(&written_path, bytes).expect("write");
-    let mut vmm = Vmm::spawn(&scratch, "bad-written");
-    let response = request(
-        &vmm.api,
-        json!({"action": "restore", "path": snap, "overrides": {
-            "vsock_uds_path": vmm.vsock,
-            "drives": {"data": {"overlay": scratch.path("bad-written.overlay")}},
-        }}),
-    );
-    assert_eq!(
-        response["ok"],
-        json!(false),
-        "a damaged written file was accepted"
-    );
-    let message = response["error"]["message"].as_str().unwrap_or_default();
+    let message = Vmm::refused_restore(&scratch, "bad-written", &snap, false);
     assert!(
         message.contains("workingset-written") && message.contains("truncated"),
         "{message}"
     );
-    ok(request(&vmm.api, json!({"action": "stop"})));
-    vmm.wait_exit();
 }

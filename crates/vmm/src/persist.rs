@@ -41,7 +41,7 @@ pub const MEMORY_FILE: &str = "memory";
 /// The recorded working set's file name in a snapshot directory (optional).
 pub const WORKING_SET_FILE: &str = "workingset";
 /// The file of the working set's pages the VM had written (optional, a [`WorkingSet`] too):
-/// a restore that prefetches gives each its private copy ahead of the guest.
+/// every restore gives each its private copy ahead of the guest.
 pub const WORKING_SET_WRITTEN_FILE: &str = "workingset-written";
 
 /// Why a snapshot could not be taken or restored.
@@ -502,7 +502,7 @@ pub fn record_working_set(vm: &MicroVm, dir: &Path) -> Result<(u64, u64), Persis
 /// any: the pages the recording session wrote get their private copies (always: it is cheap,
 /// and saves the guest a second exit on each), and with `prefetch` every page of the working
 /// set is faulted in (see [`memory::prefetch`]).
-fn prefetch(
+fn prepare_memory(
     dir: &Path,
     mem: &GuestMemoryMmap,
     mib: u64,
@@ -634,7 +634,7 @@ pub fn restore(
         .map(|runs| (diff_path.as_path(), runs));
     let mem = memory::restore(state.memory.mib, &base, diff)
         .map_err(|e| failed("cannot map the snapshot memory", &e))?;
-    let report = self::prefetch(&dir, &mem, state.memory.mib, prefetch)?;
+    let report = prepare_memory(&dir, &mem, state.memory.mib, prefetch)?;
     let mapped = start.elapsed();
     log::debug!("restore: creating the VM");
     let mut vm = Vm::new(&kvm).map_err(|e| build(e.into()))?;

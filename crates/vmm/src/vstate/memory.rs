@@ -269,9 +269,8 @@ impl Pagemap {
             .map_err(file_err("cannot read", Path::new(Self::PATH)))
     }
 
-    /// The runs of pages among the `pages` pages mapped at `host` that the host holds for
-    /// this mapping (present in RAM or swapped out), as page indexes from `host`.
-    /// The runs of the `pages` pages at `host` whose pagemap entry satisfies `pick`.
+    /// The runs of pages among the `pages` pages mapped at `host` whose pagemap entry
+    /// satisfies `pick`, as page indexes from `host`.
     fn runs(
         &self,
         host: *mut u8,
@@ -291,8 +290,14 @@ impl Pagemap {
         Ok(runs_of(pages, picked))
     }
 
+    /// The runs the host holds for this mapping (present in RAM or swapped out).
     fn held_runs(&self, host: *mut u8, pages: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
         self.runs(host, pages, pagemap_held)
+    }
+
+    /// The runs of a private file mapping that were written (see [`pagemap_written`]).
+    fn written_runs(&self, host: *mut u8, pages: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
+        self.runs(host, pages, pagemap_written)
     }
 }
 
@@ -310,12 +315,6 @@ fn pagemap_held(entry: u64) -> bool {
 /// file's page cache page) or swapped out (only private copies swap).
 fn pagemap_written(entry: u64) -> bool {
     entry & PM_SWAPPED != 0 || (entry & PM_PRESENT != 0 && entry & PM_FILE == 0)
-}
-
-impl Pagemap {
-    fn written_runs(&self, host: *mut u8, pages: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
-        self.runs(host, pages, pagemap_written)
-    }
 }
 
 /// The working set of a restored VM: the pages of its memory file layout that its mappings

@@ -159,7 +159,7 @@ impl Vm {
             pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
             pit: self.fd.get_pit2().map_err(kvm("read the PIT"))?,
-            clock: self.fd.get_clock().map_err(kvm("read kvmclock"))?,
+            clock: self.clock()?,
         })
     }
 
