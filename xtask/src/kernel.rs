@@ -1,9 +1,11 @@
 //! `cargo xtask guest-kernel`: builds the guest kernel from Debian's `linux-source-6.1` with the
-//! project's config fragment (`guest/kernel/hearth.config`) merged onto `make tinyconfig`.
+//! project's config fragment (`guest/kernel/hearth.config`) merged onto `make tinyconfig`, with
+//! the project's patches (`guest/kernel/patches/*.patch`, in name order) applied to the source.
 //!
 //! Owns the kernel's cache entries (`<cache>/kernel/<hash>/{vmlinux,bzImage,.config}`, keyed by the
-//! fragment, the source package version and [`RECIPE_VERSION`]), the extracted source tree they
-//! are built from (`<cache>/linux-source-<version>/`), and the checks a built kernel must pass:
+//! fragment, the patches, the source package version and [`RECIPE_VERSION`]), the extracted and
+//! patched source trees they are built from (`<cache>/linux-source-<version>-<patches>/`), and
+//! the checks a built kernel must pass:
 //! every option of the fragment has its requested value in the final `.config`, and `vmlinux`
 //! carries the PVH entry note. Entries are published by a rename, so one is absent or complete.
 
@@ -26,6 +28,9 @@ const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 const SOURCE_TOP_DIR: &str = "linux-source-6.1";
 /// The fragment, relative to the workspace root.
 const FRAGMENT: &str = "guest/kernel/hearth.config";
+/// The directory of patches to the source (`*.patch`, applied with `patch -p1` in name order),
+/// relative to the workspace root.
+const PATCHES: &str = "guest/kernel/patches";
 const ARCH: &str = "x86_64";
 /// Prefix of the scratch directories this task makes in the cache (see [`ScratchDir`]).
 const SCRATCH_PREFIX: &str = ".guest-kernel-";
@@ -46,7 +51,8 @@ fn build_entry() -> Result<PathBuf> {
     let fragment =
         fs::read(&fragment_path).with_context(|| format!("read {}", fragment_path.display()))?;
     let source_version = util::deb_version(SOURCE_PACKAGE)?;
-    let key = cache_key(&fragment, &source_version);
+    let patches = read_patches(&util::workspace_root().join(PATCHES))?;
+    let key = cache_key(&fragment, &patches, &source_version);
     let kernel_dir = util::cache_dir().join("kernel");
     let entry = kernel_dir.join(&key);
     let vmlinux = entry.join("vmlinux");
@@ -59,7 +65,7 @@ fn build_entry() -> Result<PathBuf> {
         .context("the fragment is not UTF-8")
         .and_then(parse_config)
         .with_context(|| format!("parse {}", fragment_path.display()))?;
-    let source = ensure_source(&source_version)?;
+    let source = ensure_source(&source_version, &patches)?;
     fs::create_dir_all(&kernel_dir).with_context(|| format!("create {}", kernel_dir.display()))?;
     remove_stale_scratch(&kernel_dir)?;
 
@@ -85,20 +91,65 @@ fn build_entry() -> Result<PathBuf> {
     Ok(entry)
 }
 
-/// The cache key of a kernel built from `fragment` and source package `source_version`.
-fn cache_key(fragment: &[u8], source_version: &str) -> String {
+/// A patch to the kernel source: its file name and contents.
+struct Patch {
+    name: String,
+    text: Vec<u8>,
+}
+
+/// The `*.patch` files of `dir`, in name order (none if `dir` does not exist).
+fn read_patches(dir: &Path) -> Result<Vec<Patch>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err).with_context(|| format!("read {}", dir.display())),
+    };
+    let mut patches = Vec::new();
+    for entry in entries {
+        let path = entry.with_context(|| format!("read {}", dir.display()))?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !name.ends_with(".patch") {
+            continue;
+        }
+        let text = fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+        patches.push(Patch {
+            name: name.to_owned(),
+            text,
+        });
+    }
+    patches.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(patches)
+}
+
+/// The content hash of a patch series: names and contents, in order.
+fn patches_hash(patches: &[Patch]) -> String {
+    let parts: Vec<(&str, &[u8])> = patches
+        .iter()
+        .map(|p| (p.name.as_str(), p.text.as_slice()))
+        .collect();
+    util::content_hash(&parts)
+}
+
+/// The cache key of a kernel built from `fragment`, `patches` and source package
+/// `source_version`.
+fn cache_key(fragment: &[u8], patches: &[Patch], source_version: &str) -> String {
     util::content_hash(&[
         ("recipe", RECIPE_VERSION.as_bytes()),
         ("source", source_version.as_bytes()),
         ("fragment", fragment),
+        ("patches", patches_hash(patches).as_bytes()),
     ])
 }
 
-/// The source tree of `linux-source-6.1` at `version`, extracted into the cache on first use.
-/// It is only read: kernels are built out of tree.
-fn ensure_source(version: &str) -> Result<PathBuf> {
+/// The source tree of `linux-source-6.1` at `version` with `patches` applied, extracted and
+/// patched into the cache on first use. It is only read afterwards: kernels are built out of
+/// tree.
+fn ensure_source(version: &str, patches: &[Patch]) -> Result<PathBuf> {
     let cache = util::cache_dir();
-    let dest = cache.join(format!("linux-source-{version}"));
+    let series = patches_hash(patches);
+    let dest = cache.join(format!("linux-source-{version}-{}", &series[..12]));
     if dest.is_dir() {
         return Ok(dest);
     }
@@ -116,7 +167,20 @@ fn ensure_source(version: &str) -> Result<PathBuf> {
             .arg("-C")
             .arg(scratch.path()),
     )?;
-    match fs::rename(scratch.path().join(SOURCE_TOP_DIR), &dest) {
+    let tree = scratch.path().join(SOURCE_TOP_DIR);
+    for patch in patches {
+        eprintln!("guest-kernel: applying {}", patch.name);
+        let path = util::workspace_root().join(PATCHES).join(&patch.name);
+        util::run(
+            Command::new("patch")
+                .args(["-p1", "--batch", "--forward", "--silent", "-d"])
+                .arg(&tree)
+                .arg("-i")
+                .arg(&path),
+        )
+        .with_context(|| format!("{} does not apply to {SOURCE_PACKAGE} {version}", patch.name))?;
+    }
+    match fs::rename(&tree, &dest) {
         Ok(()) => Ok(dest),
         // Another run extracted the same version meanwhile; its tree is as good as ours.
         Err(_) if dest.is_dir() => Ok(dest),
@@ -546,20 +610,69 @@ mod tests {
 
     #[test]
     fn test_cache_key_fragment_change_changes_key() {
-        let before = cache_key(b"CONFIG_SMP=y\n", "6.1.192-3");
+        let before = cache_key(b"CONFIG_SMP=y\n", &[], "6.1.192-3");
 
-        let after = cache_key(b"CONFIG_SMP=y\nCONFIG_PVH=y\n", "6.1.192-3");
+        let after = cache_key(b"CONFIG_SMP=y\nCONFIG_PVH=y\n", &[], "6.1.192-3");
 
         assert_ne!(before, after);
     }
 
     #[test]
     fn test_cache_key_source_version_change_changes_key() {
-        let before = cache_key(b"CONFIG_SMP=y\n", "6.1.192-3");
+        let before = cache_key(b"CONFIG_SMP=y\n", &[], "6.1.192-3");
 
-        let after = cache_key(b"CONFIG_SMP=y\n", "6.1.193-1");
+        let after = cache_key(b"CONFIG_SMP=y\n", &[], "6.1.193-1");
 
         assert_ne!(before, after);
+    }
+
+    fn patch(name: &str, text: &str) -> Patch {
+        Patch {
+            name: name.to_owned(),
+            text: text.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn test_cache_key_patch_change_changes_key() {
+        let before = cache_key(b"CONFIG_SMP=y\n", &[patch("0001.patch", "a")], "6.1.192-3");
+
+        let after = cache_key(b"CONFIG_SMP=y\n", &[patch("0001.patch", "b")], "6.1.192-3");
+
+        assert_ne!(before, after);
+    }
+
+    #[test]
+    fn test_read_patches_takes_patch_files_in_name_order() {
+        let dir = std::env::temp_dir().join(format!("hearth-patches-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("0002-b.patch"), "b").unwrap();
+        fs::write(dir.join("0001-a.patch"), "a").unwrap();
+        fs::write(dir.join("README"), "not a patch").unwrap();
+
+        let patches = read_patches(&dir).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+
+        let names: Vec<&str> = patches.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["0001-a.patch", "0002-b.patch"]);
+    }
+
+    #[test]
+    fn test_read_patches_missing_directory_is_empty() {
+        let patches = read_patches(Path::new("/nonexistent/hearth-patches")).unwrap();
+
+        assert!(patches.is_empty());
+    }
+
+    #[test]
+    fn test_project_patches_start_with_a_description() {
+        let patches = read_patches(&util::workspace_root().join(PATCHES)).unwrap();
+
+        for p in &patches {
+            let text = std::str::from_utf8(&p.text).unwrap();
+            let header = text.split("\n--- a/").next().unwrap();
+            assert!(!header.trim().is_empty(), "{} has no description", p.name);
+        }
     }
 
     #[test]
