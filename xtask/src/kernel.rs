@@ -88,7 +88,30 @@ fn build_entry() -> Result<PathBuf> {
     if !vmlinux.is_file() {
         util::publish_dir(stage.path(), &entry)?;
     }
+    remove_other_sources(&util::cache_dir(), &source)?;
     Ok(entry)
+}
+
+/// Removes the source trees in `cache` other than `keep` (1.5 GB each): older patch series or
+/// package versions. A later build that needs one again extracts it afresh.
+fn remove_other_sources(cache: &Path, keep: &Path) -> Result<()> {
+    let entries = fs::read_dir(cache).with_context(|| format!("list {}", cache.display()))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_source = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with("linux-source-"));
+        if !is_source || path == keep || !path.is_dir() {
+            continue;
+        }
+        eprintln!(
+            "guest-kernel: removing the unused source tree {}",
+            path.display()
+        );
+        fs::remove_dir_all(&path).with_context(|| format!("remove {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// A patch to the kernel source: its file name and contents.
@@ -106,7 +129,9 @@ fn read_patches(dir: &Path) -> Result<Vec<Patch>> {
     };
     let mut patches = Vec::new();
     for entry in entries {
-        let path = entry.with_context(|| format!("read {}", dir.display()))?.path();
+        let path = entry
+            .with_context(|| format!("read {}", dir.display()))?
+            .path();
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
@@ -178,7 +203,12 @@ fn ensure_source(version: &str, patches: &[Patch]) -> Result<PathBuf> {
                 .arg("-i")
                 .arg(&path),
         )
-        .with_context(|| format!("{} does not apply to {SOURCE_PACKAGE} {version}", patch.name))?;
+        .with_context(|| {
+            format!(
+                "{} does not apply to {SOURCE_PACKAGE} {version}",
+                patch.name
+            )
+        })?;
     }
     match fs::rename(&tree, &dest) {
         Ok(()) => Ok(dest),
