@@ -16,7 +16,7 @@ use crate::qemu::MicrovmBoot;
 /// command line (see `guest/rootfs/busybox-init.sh`).
 const MARKER: &str = "hearth-bench-userspace";
 /// Boots per VMM; the median is reported.
-const RUNS: usize = 5;
+const RUNS: usize = 9;
 const VCPUS: u32 = 1;
 const MEM_MIB: u32 = 256;
 /// How long after the marker the RSS is sampled (the guest is idle in `sleep` by then).
