@@ -114,9 +114,10 @@ fn remove_other_sources(cache: &Path, keep: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A patch to the kernel source: its file name and contents.
+/// A patch to the kernel source: its file name, where it is, and its contents.
 struct Patch {
     name: String,
+    path: PathBuf,
     text: Vec<u8>,
 }
 
@@ -141,6 +142,7 @@ fn read_patches(dir: &Path) -> Result<Vec<Patch>> {
         let text = fs::read(&path).with_context(|| format!("read {}", path.display()))?;
         patches.push(Patch {
             name: name.to_owned(),
+            path: path.clone(),
             text,
         });
     }
@@ -195,13 +197,12 @@ fn ensure_source(version: &str, patches: &[Patch]) -> Result<PathBuf> {
     let tree = scratch.path().join(SOURCE_TOP_DIR);
     for patch in patches {
         eprintln!("guest-kernel: applying {}", patch.name);
-        let path = util::workspace_root().join(PATCHES).join(&patch.name);
         util::run(
             Command::new("patch")
                 .args(["-p1", "--batch", "--forward", "--silent", "-d"])
                 .arg(&tree)
                 .arg("-i")
-                .arg(&path),
+                .arg(&patch.path),
         )
         .with_context(|| {
             format!(
@@ -659,6 +660,7 @@ mod tests {
     fn patch(name: &str, text: &str) -> Patch {
         Patch {
             name: name.to_owned(),
+            path: PathBuf::from(name),
             text: text.as_bytes().to_vec(),
         }
     }
@@ -700,8 +702,14 @@ mod tests {
 
         for p in &patches {
             let text = std::str::from_utf8(&p.text).unwrap();
-            let header = text.split("\n--- a/").next().unwrap();
-            assert!(!header.trim().is_empty(), "{} has no description", p.name);
+            let lines: Vec<&str> = text.lines().collect();
+            let diff_start = lines.iter().position(|l| l.starts_with("--- a/"));
+            let diff_start = diff_start.unwrap_or_else(|| panic!("{} has no diff", p.name));
+            assert!(
+                lines[..diff_start].iter().any(|l| !l.trim().is_empty()),
+                "{} has no description",
+                p.name
+            );
         }
     }
 
