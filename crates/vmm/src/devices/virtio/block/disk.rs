@@ -1,8 +1,9 @@
 //! The disk image behind a virtio-blk device: a raw file (or host block device) opened
 //! read-only or read-write, or a read-only base with a copy-on-write overlay (see
-//! [`super::overlay`]). Data moves by positional I/O (`pread`/`pwrite`) straight between the
-//! files and guest memory, so the worker never seeks and never copies through a buffer (except
-//! to copy a cluster up from an overlay's base).
+//! [`super::overlay`]). Data moves by positional vectored I/O (`preadv`/`pwritev`) straight
+//! between the files and guest memory: one call covers all of a request's buffers (for an
+//! overlay, each run of the request that lives in one file), the worker never seeks, and it
+//! never copies through a buffer (except to copy a cluster up from an overlay's base).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -10,13 +11,11 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use log::warn;
-use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryError, ReadVolatile, VolatileMemoryError,
-    VolatileSlice, WriteVolatile,
-};
+use vm_memory::bitmap::{Bitmap, BitmapSlice};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, VolatileSlice};
 
 use super::overlay::{Overlay, OverlayError};
+use super::request::Segment;
 use super::{ID_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::GuestMemoryMmap;
 
@@ -141,48 +140,54 @@ impl Disk {
         self.id.as_ref()
     }
 
-    /// Reads `len` bytes at image `offset` into guest memory at `addr`.
+    /// Reads the image from `offset` on into the guest buffers `bufs`, filled one after
+    /// another: one `preadv` per run of the image that lives in one file (the whole request for
+    /// a raw image), not one `pread` per buffer.
     pub fn read_to_guest(
         &self,
         mem: &GuestMemoryMmap,
-        addr: GuestAddress,
-        len: usize,
+        bufs: &[Segment],
         offset: u64,
     ) -> Result<(), DiskError> {
         let overlay = match &self.backing {
-            Backing::Raw(file) => return read_from(file, mem, addr, len, offset),
+            Backing::Raw(file) => {
+                return read_vectored(file, mem, pieces(bufs, 0, u64::MAX), offset)
+            }
             Backing::Overlay(overlay) => overlay,
         };
-        for run in overlay.runs(offset, len as u64) {
-            let at = addr.checked_add(run.offset - offset).ok_or(DiskError::Io {
-                offset: run.offset,
-                source: GuestMemoryError::InvalidGuestAddress(addr),
-            })?;
-            read_from(run.file, mem, at, run.len as usize, run.offset)?;
+        for run in overlay.runs(offset, total_len(bufs)) {
+            read_vectored(
+                run.file,
+                mem,
+                pieces(bufs, run.offset - offset, run.len),
+                run.offset,
+            )?;
         }
         Ok(())
     }
 
-    /// Writes `len` bytes of guest memory at `addr` to image `offset`.
+    /// Writes the guest buffers `bufs`, one after another, to the image from `offset` on, with
+    /// one `pwritev`.
     pub fn write_from_guest(
         &self,
         mem: &GuestMemoryMmap,
-        addr: GuestAddress,
-        len: usize,
+        bufs: &[Segment],
         offset: u64,
     ) -> Result<(), DiskError> {
         if self.read_only {
             return Err(DiskError::ReadOnly);
         }
+        let all = pieces(bufs, 0, u64::MAX);
         let overlay = match &self.backing {
-            Backing::Raw(file) => return write_to(file, mem, addr, len, offset),
+            Backing::Raw(file) => return write_vectored(file, mem, all, offset),
             Backing::Overlay(overlay) => overlay,
         };
+        let len = total_len(bufs);
         overlay
-            .prepare_write(offset, len as u64)
+            .prepare_write(offset, len)
             .map_err(DiskError::Overlay)?;
-        write_to(overlay.data_file(), mem, addr, len, offset)?;
-        overlay.mark_written(offset, len as u64);
+        write_vectored(overlay.data_file(), mem, all, offset)?;
+        overlay.mark_written(offset, len);
         Ok(())
     }
 
@@ -219,28 +224,165 @@ fn image_len(file: &mut File, path: &Path) -> Result<u64, DiskError> {
     Ok(len)
 }
 
-fn read_from(
-    file: &File,
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    len: usize,
-    offset: u64,
-) -> Result<(), DiskError> {
-    let mut cursor = FileCursor { file, offset };
-    mem.read_exact_volatile_from(addr, &mut cursor, len)
-        .map_err(|source| DiskError::Io { offset, source })
+/// The total length of `bufs`.
+fn total_len(bufs: &[Segment]) -> u64 {
+    bufs.iter().map(|b| u64::from(b.len)).sum()
 }
 
-fn write_to(
+/// The pieces of `bufs` (taken as one run of bytes) that cover `len` bytes from byte `skip`
+/// on, as guest address and length.
+fn pieces(
+    bufs: &[Segment],
+    skip: u64,
+    len: u64,
+) -> impl Iterator<Item = (GuestAddress, usize)> + '_ {
+    let mut at = 0u64;
+    let end = skip.saturating_add(len);
+    bufs.iter().filter_map(move |buf| {
+        let (start, stop) = (at, at + u64::from(buf.len));
+        at = stop;
+        let (from, to) = (start.max(skip), stop.min(end));
+        // A sum past the address space saturates to an address no memory region holds, which
+        // `get_slices` then rejects.
+        (from < to).then(|| {
+            (
+                GuestAddress(buf.addr.0.saturating_add(from - start)),
+                (to - from) as usize,
+            )
+        })
+    })
+}
+
+/// The most buffers one `preadv` or `pwritev` takes (`UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+
+/// The guest memory of `bufs`, as slices that each lie in one memory region.
+fn guest_slices(
+    mem: &GuestMemoryMmap,
+    bufs: impl Iterator<Item = (GuestAddress, usize)>,
+    offset: u64,
+) -> Result<Vec<VolatileSlice<'_, impl BitmapSlice + '_>>, DiskError> {
+    let mut slices = Vec::new();
+    for (addr, len) in bufs {
+        for slice in mem.get_slices(addr, len) {
+            slices.push(slice.map_err(|source| DiskError::Io { offset, source })?);
+        }
+    }
+    Ok(slices)
+}
+
+fn read_vectored(
     file: &File,
     mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    len: usize,
+    bufs: impl Iterator<Item = (GuestAddress, usize)>,
     offset: u64,
 ) -> Result<(), DiskError> {
-    let mut cursor = FileCursor { file, offset };
-    mem.write_all_volatile_to(addr, &mut cursor, len)
-        .map_err(|source| DiskError::Io { offset, source })
+    let slices = guest_slices(mem, bufs, offset)?;
+    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
+    let iovs = guards
+        .iter()
+        .map(|g| libc::iovec {
+            iov_base: g.as_ptr().cast(),
+            iov_len: g.len(),
+        })
+        .collect();
+    let result = transfer(file, iovs, offset, |fd, iov, count, at| {
+        // SAFETY: the fd is open for as long as `file` is borrowed; each iovec points into a
+        // slice of guest memory that `guards` keeps mapped, and preadv writes at most its
+        // length there. Guest memory may change under us, which the kernel copy tolerates.
+        unsafe { libc::preadv(fd, iov, count, at) }
+    });
+    // Marking more than was read is safe: a snapshot then saves a page it did not need to.
+    for slice in &slices {
+        slice.bitmap().mark_dirty(0, slice.len());
+    }
+    result
+}
+
+fn write_vectored(
+    file: &File,
+    mem: &GuestMemoryMmap,
+    bufs: impl Iterator<Item = (GuestAddress, usize)>,
+    offset: u64,
+) -> Result<(), DiskError> {
+    let slices = guest_slices(mem, bufs, offset)?;
+    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard()).collect();
+    let iovs = guards
+        .iter()
+        .map(|g| libc::iovec {
+            iov_base: g.as_ptr().cast_mut().cast(),
+            iov_len: g.len(),
+        })
+        .collect();
+    transfer(file, iovs, offset, |fd, iov, count, at| {
+        // SAFETY: the fd is open for as long as `file` is borrowed; each iovec points into a
+        // slice of guest memory that `guards` keeps mapped, and pwritev reads at most its
+        // length from there.
+        unsafe { libc::pwritev(fd, iov, count, at) }
+    })
+}
+
+/// Moves all of `iovs` with `op(fd, iovs, count, file offset)`, a `preadv` or `pwritev`, from
+/// file `offset` on: calls again after a short transfer or an interruption, and fails at the
+/// end of the file (a disk image does not shrink under a running guest).
+fn transfer(
+    file: &File,
+    mut iovs: Vec<libc::iovec>,
+    offset: u64,
+    mut op: impl FnMut(RawFd, *const libc::iovec, libc::c_int, libc::off_t) -> isize,
+) -> Result<(), DiskError> {
+    let expected: usize = iovs.iter().map(|v| v.iov_len).sum();
+    let mut done = 0usize;
+    let mut first = 0usize;
+    while first < iovs.len() {
+        let at = offset + done as u64;
+        let io_err = |source: io::Error| DiskError::Io {
+            offset: at,
+            source: GuestMemoryError::IOError(source),
+        };
+        let pos =
+            libc::off_t::try_from(at).map_err(|_| io_err(io::ErrorKind::InvalidInput.into()))?;
+        let count = (iovs.len() - first).min(IOV_MAX);
+        // `count` is at most IOV_MAX, so it fits a c_int.
+        match usize::try_from(op(
+            file.as_raw_fd(),
+            iovs[first..].as_ptr(),
+            count as libc::c_int,
+            pos,
+        )) {
+            Ok(0) => {
+                return Err(DiskError::Io {
+                    offset,
+                    source: GuestMemoryError::PartialBuffer {
+                        expected,
+                        completed: done,
+                    },
+                })
+            }
+            Ok(mut n) => {
+                done += n;
+                while n > 0 {
+                    let iov = &mut iovs[first];
+                    if n < iov.iov_len {
+                        // SAFETY: `n` < the iovec's length, so the pointer stays inside it.
+                        iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n) }.cast();
+                        iov.iov_len -= n;
+                        n = 0;
+                    } else {
+                        n -= iov.iov_len;
+                        first += 1;
+                    }
+                }
+            }
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(io_err(e));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn pad_id(id: &str) -> Result<[u8; ID_BYTES], DiskError> {
@@ -253,91 +395,11 @@ fn pad_id(id: &str) -> Result<[u8; ID_BYTES], DiskError> {
     Ok(padded)
 }
 
-/// Positional access to a file: each transfer starts at `offset` and advances it. A single
-/// `read_volatile` loops until the slice is full or the file ends, so a short `pread` never
-/// turns into an error.
-struct FileCursor<'a> {
-    file: &'a File,
-    offset: u64,
-}
-
-impl FileCursor<'_> {
-    fn file_offset(&self, done: usize) -> Result<libc::off_t, VolatileMemoryError> {
-        self.offset
-            .checked_add(done as u64)
-            .and_then(|offset| libc::off_t::try_from(offset).ok())
-            .ok_or_else(|| VolatileMemoryError::IOError(io::ErrorKind::InvalidInput.into()))
-    }
-
-    /// Moves `len` bytes with `op(fd, offset, done)`, a `pread` or `pwrite` of the bytes from
-    /// `done` on at file `offset`, called only while `done < len`. Retries short transfers and
-    /// interruptions, stops at the end of the file; returns the bytes moved and advances the
-    /// cursor by them.
-    fn transfer(
-        &mut self,
-        len: usize,
-        mut op: impl FnMut(RawFd, libc::off_t, usize) -> isize,
-    ) -> Result<usize, VolatileMemoryError> {
-        let mut done = 0usize;
-        while done < len {
-            let offset = self.file_offset(done)?;
-            match usize::try_from(op(self.file.as_raw_fd(), offset, done)) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(_) => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(VolatileMemoryError::IOError(e));
-                }
-            }
-        }
-        self.offset = self.offset.saturating_add(done as u64);
-        Ok(done)
-    }
-}
-
-impl ReadVolatile for FileCursor<'_> {
-    fn read_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &mut VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let guard = buf.ptr_guard_mut();
-        let len = buf.len();
-        let result = self.transfer(len, |fd, offset, done| {
-            // SAFETY: the fd is open for as long as `self.file` is borrowed. `guard` keeps the
-            // slice's memory mapped; `as_ptr() + done` stays inside it since `transfer` only
-            // calls this while `done < len`, and pread writes at most `len - done` bytes from
-            // there. Guest memory may change under us, which the kernel copy tolerates.
-            unsafe { libc::pread(fd, guard.as_ptr().add(done).cast(), len - done, offset) }
-        });
-        buf.bitmap().mark_dirty(0, *result.as_ref().unwrap_or(&len));
-        result
-    }
-}
-
-impl WriteVolatile for FileCursor<'_> {
-    fn write_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let guard = buf.ptr_guard();
-        let len = buf.len();
-        self.transfer(len, |fd, offset, done| {
-            // SAFETY: the fd is open for as long as `self.file` is borrowed. `guard` keeps the
-            // slice's memory mapped; `as_ptr() + done` stays inside it since `transfer` only
-            // calls this while `done < len`, and pwrite reads at most `len - done` bytes from
-            // there.
-            unsafe { libc::pwrite(fd, guard.as_ptr().add(done).cast(), len - done, offset) }
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::FileExt;
 
+    use vm_memory::{Bytes, GuestMemoryRegion};
     use vmm_sys_util::tempdir::TempDir;
 
     use super::super::test_utils::TempImage;
@@ -382,13 +444,158 @@ mod tests {
         assert_eq!(disk.id(), Some(&expected));
     }
 
+    /// A guest buffer of `len` bytes at `addr`.
+    fn buf(addr: u64, len: usize) -> Segment {
+        Segment {
+            addr: GuestAddress(addr),
+            len: len as u32,
+        }
+    }
+
+    /// Guest buffers out of address order, of 512, 1536 and 1024 bytes.
+    fn scattered() -> [Segment; 3] {
+        [
+            buf(DATA_ADDR + 0x3000, 512),
+            buf(DATA_ADDR, 1536),
+            buf(DATA_ADDR + 0x8000, 1024),
+        ]
+    }
+
+    fn guest_bytes(mem: &GuestMemoryMmap, seg: &Segment) -> Vec<u8> {
+        let mut data = vec![0u8; seg.len as usize];
+        mem.read_slice(&mut data, seg.addr).expect("guest");
+        data
+    }
+
+    #[test]
+    fn test_disk_read_to_guest_fills_buffers_one_after_another() {
+        let image = TempImage::with_pattern(16 * 512);
+        let disk = Disk::open(image.path(), true, None).expect("open");
+        let mem = guest_memory();
+        let bufs = scattered();
+
+        disk.read_to_guest(&mem, &bufs, 1024).expect("read");
+
+        let got: Vec<u8> = bufs.iter().flat_map(|b| guest_bytes(&mem, b)).collect();
+        assert_eq!(got, image.contents()[1024..1024 + 3072]);
+    }
+
+    #[test]
+    fn test_disk_write_from_guest_stores_buffers_back_to_back() {
+        let image = TempImage::with_len(16 * 512);
+        let disk = Disk::open(image.path(), false, None).expect("open");
+        let mem = guest_memory();
+        let bufs = scattered();
+        for (i, b) in bufs.iter().enumerate() {
+            mem.write_slice(&vec![0x10 + i as u8; b.len as usize], b.addr)
+                .expect("guest");
+        }
+
+        disk.write_from_guest(&mem, &bufs, 2048).expect("write");
+
+        let mut expected = vec![0u8; 16 * 512];
+        expected[2048..2560].fill(0x10);
+        expected[2560..4096].fill(0x11);
+        expected[4096..5120].fill(0x12);
+        assert_eq!(image.contents(), expected);
+    }
+
+    #[test]
+    fn test_disk_read_to_guest_marks_the_buffers_dirty() {
+        let image = TempImage::with_pattern(16 * 512);
+        let disk = Disk::open(image.path(), true, None).expect("open");
+        let mem = guest_memory();
+        let region = mem.find_region(GuestAddress(0)).expect("region");
+
+        disk.read_to_guest(&mem, &scattered(), 0).expect("read");
+
+        let dirty = |addr: u64| region.bitmap().dirty_at(addr as usize);
+        assert!(dirty(DATA_ADDR) && dirty(DATA_ADDR + 0x3000) && dirty(DATA_ADDR + 0x8000));
+        assert!(!dirty(DATA_ADDR + 0x5000));
+    }
+
+    #[test]
+    fn test_transfer_resumes_after_short_and_interrupted_calls() {
+        let source: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let mut bufs = [vec![0u8; 1000], vec![0u8; 300], vec![0u8; 1700]];
+        let iovs = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let file = tempfile_file();
+        let mut calls = 0;
+
+        let result = transfer(&file, iovs, 0, |_, iov, count, pos| {
+            calls += 1;
+            if calls == 2 {
+                // SAFETY: only sets the thread's errno.
+                unsafe { *libc::__errno_location() = libc::EINTR };
+                return -1;
+            }
+            // A "file" that moves at most 700 bytes per call, into the first iovec only.
+            // SAFETY: the test's iovecs point into `bufs`, which outlive the call.
+            let first = unsafe { &*iov };
+            assert!(count >= 1);
+            let n = first.iov_len.min(700);
+            let pos = pos as usize;
+            // SAFETY: `n` is at most the iovec's length.
+            unsafe {
+                std::ptr::copy_nonoverlapping(source[pos..].as_ptr(), first.iov_base.cast(), n)
+            };
+            n as isize
+        });
+
+        result.expect("transfer");
+        assert_eq!(bufs.concat(), source);
+        assert_eq!(calls, 7);
+    }
+
+    #[test]
+    fn test_transfer_fails_at_end_of_file_with_what_it_moved() {
+        let mut data = vec![0u8; 100];
+        let iovs = vec![libc::iovec {
+            iov_base: data.as_mut_ptr().cast(),
+            iov_len: data.len(),
+        }];
+        let file = tempfile_file();
+        let mut calls = 0;
+
+        let result = transfer(&file, iovs, 512, |_, _, _, _| {
+            calls += 1;
+            if calls == 1 {
+                60
+            } else {
+                0
+            }
+        });
+
+        assert!(matches!(
+            result,
+            Err(DiskError::Io {
+                offset: 512,
+                source: GuestMemoryError::PartialBuffer {
+                    expected: 100,
+                    completed: 60
+                },
+            })
+        ));
+    }
+
+    fn tempfile_file() -> File {
+        let image = TempImage::with_len(512);
+        File::open(image.path()).expect("open")
+    }
+
     #[test]
     fn test_disk_read_to_guest_copies_at_offset() {
         let image = TempImage::with_pattern(4 * 512);
         let disk = Disk::open(image.path(), true, None).expect("open");
         let mem = guest_memory();
 
-        disk.read_to_guest(&mem, GuestAddress(DATA_ADDR), 512, 1024)
+        disk.read_to_guest(&mem, &[buf(DATA_ADDR, 512)], 1024)
             .expect("read");
 
         let mut data = vec![0u8; 512];
@@ -403,7 +610,7 @@ mod tests {
         let disk = Disk::open(image.path(), true, None).expect("open");
         let mem = guest_memory();
 
-        let result = disk.read_to_guest(&mem, GuestAddress(DATA_ADDR), 1024, 0);
+        let result = disk.read_to_guest(&mem, &[buf(DATA_ADDR, 1024)], 0);
 
         assert!(matches!(result, Err(DiskError::Io { offset: 0, .. })));
     }
@@ -414,7 +621,7 @@ mod tests {
         let disk = Disk::open(image.path(), true, None).expect("open");
         let mem = guest_memory();
 
-        let result = disk.write_from_guest(&mem, GuestAddress(DATA_ADDR), 512, 0);
+        let result = disk.write_from_guest(&mem, &[buf(DATA_ADDR, 512)], 0);
 
         assert!(matches!(result, Err(DiskError::ReadOnly)));
     }
@@ -452,12 +659,12 @@ mod tests {
             self.mem
                 .write_slice(bytes, GuestAddress(DATA_ADDR))
                 .expect("guest");
-            disk.write_from_guest(&self.mem, GuestAddress(DATA_ADDR), bytes.len(), offset)
+            disk.write_from_guest(&self.mem, &[buf(DATA_ADDR, bytes.len())], offset)
                 .expect("write");
         }
 
         fn read(&self, disk: &Disk, offset: u64, len: usize) -> Vec<u8> {
-            disk.read_to_guest(&self.mem, GuestAddress(DATA_ADDR), len, offset)
+            disk.read_to_guest(&self.mem, &[buf(DATA_ADDR, len)], offset)
                 .expect("read");
             let mut data = vec![0u8; len];
             self.mem
@@ -541,6 +748,48 @@ mod tests {
         expected[4096..2 * 4096].fill(0x5a);
         expected[3 * 4096..3 * 4096 + 512].fill(0xa5);
         assert_eq!(data, expected[2048..]);
+    }
+
+    #[test]
+    fn test_disk_overlay_read_into_buffers_that_straddle_runs_merges_them() {
+        let f = OverlayFixture::new(4 * 4096);
+        let mut expected = f.base_contents();
+        let disk = f.open();
+        f.write(&disk, 4096, &[0x5a; 4096]);
+        // Buffers of 3000, 4096 and 5192 bytes: their edges fall inside the written cluster
+        // and inside the base's clusters around it.
+        let bufs = [
+            buf(DATA_ADDR + 0x10000, 3000),
+            buf(DATA_ADDR, 4096),
+            buf(DATA_ADDR + 0x4000, 5192),
+        ];
+
+        disk.read_to_guest(&f.mem, &bufs, 0).expect("read");
+
+        expected[4096..2 * 4096].fill(0x5a);
+        let got: Vec<u8> = bufs.iter().flat_map(|b| guest_bytes(&f.mem, b)).collect();
+        assert_eq!(got, expected[..3000 + 4096 + 5192]);
+    }
+
+    #[test]
+    fn test_disk_overlay_write_from_buffers_across_a_cluster_boundary_reads_back() {
+        let f = OverlayFixture::new(4 * 4096);
+        let mut expected = f.base_contents();
+        let disk = f.open();
+        let bufs = scattered();
+        for (i, b) in bufs.iter().enumerate() {
+            f.mem
+                .write_slice(&vec![0x20 + i as u8; b.len as usize], b.addr)
+                .expect("guest");
+        }
+
+        disk.write_from_guest(&f.mem, &bufs, 4096 - 1024)
+            .expect("write");
+
+        expected[3072..3584].fill(0x20);
+        expected[3584..5120].fill(0x21);
+        expected[5120..6144].fill(0x22);
+        assert_eq!(f.read(&disk, 0, 4 * 4096), expected);
     }
 
     #[test]

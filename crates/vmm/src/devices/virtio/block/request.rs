@@ -264,18 +264,16 @@ impl Request {
     pub fn execute(&self, mem: &GuestMemoryMmap, disk: &Disk) -> Result<u32, RequestError> {
         match self.request_type {
             RequestType::In => {
-                self.transfer(disk, |seg, offset| {
-                    disk.read_to_guest(mem, seg.addr, seg.len as usize, offset)
-                })?;
+                disk.read_to_guest(mem, &self.data, self.disk_offset(disk)?)
+                    .map_err(RequestError::Disk)?;
                 Ok(u32::try_from(self.data_len).unwrap_or(u32::MAX))
             }
             RequestType::Out => {
                 if disk.is_read_only() {
                     return Err(RequestError::ReadOnly);
                 }
-                self.transfer(disk, |seg, offset| {
-                    disk.write_from_guest(mem, seg.addr, seg.len as usize, offset)
-                })?;
+                disk.write_from_guest(mem, &self.data, self.disk_offset(disk)?)
+                    .map_err(RequestError::Disk)?;
                 Ok(0)
             }
             RequestType::Flush => disk.flush().map(|()| 0).map_err(RequestError::Disk),
@@ -284,20 +282,11 @@ impl Request {
         }
     }
 
-    /// Moves each segment in turn, at consecutive offsets from the request's sector.
-    fn transfer(
-        &self,
-        disk: &Disk,
-        mut op: impl FnMut(&Segment, u64) -> Result<(), DiskError>,
-    ) -> Result<(), RequestError> {
-        // Parsing checked the range against the capacity; check again against this disk.
+    /// Where on `disk` the data starts; checks the range against this disk (parsing checked it
+    /// against the capacity).
+    fn disk_offset(&self, disk: &Disk) -> Result<u64, RequestError> {
         check_sectors(self.sector, self.data_len, disk.sectors())?;
-        let mut offset = self.sector * SECTOR_SIZE;
-        for seg in &self.data {
-            op(seg, offset).map_err(RequestError::Disk)?;
-            offset += u64::from(seg.len);
-        }
-        Ok(())
+        Ok(self.sector * SECTOR_SIZE)
     }
 
     fn write_id(&self, mem: &GuestMemoryMmap, disk: &Disk) -> Result<u32, RequestError> {
