@@ -11,8 +11,8 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use log::warn;
-use vm_memory::bitmap::{Bitmap, BitmapSlice};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, VolatileSlice};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
 use super::overlay::{Overlay, OverlayError};
 use super::request::Segment;
@@ -151,17 +151,14 @@ impl Disk {
     ) -> Result<(), DiskError> {
         let overlay = match &self.backing {
             Backing::Raw(file) => {
-                return read_vectored(file, mem, pieces(bufs, 0, u64::MAX), offset)
+                let all = pieces(bufs, 0, u64::MAX);
+                return transfer_guest(file, mem, all, offset, Direction::ToGuest);
             }
             Backing::Overlay(overlay) => overlay,
         };
         for run in overlay.runs(offset, total_len(bufs)) {
-            read_vectored(
-                run.file,
-                mem,
-                pieces(bufs, run.offset - offset, run.len),
-                run.offset,
-            )?;
+            let part = pieces(bufs, run.offset - offset, run.len);
+            transfer_guest(run.file, mem, part, run.offset, Direction::ToGuest)?;
         }
         Ok(())
     }
@@ -179,14 +176,16 @@ impl Disk {
         }
         let all = pieces(bufs, 0, u64::MAX);
         let overlay = match &self.backing {
-            Backing::Raw(file) => return write_vectored(file, mem, all, offset),
+            Backing::Raw(file) => {
+                return transfer_guest(file, mem, all, offset, Direction::FromGuest)
+            }
             Backing::Overlay(overlay) => overlay,
         };
         let len = total_len(bufs);
         overlay
             .prepare_write(offset, len)
             .map_err(DiskError::Overlay)?;
-        write_vectored(overlay.data_file(), mem, all, offset)?;
+        transfer_guest(overlay.data_file(), mem, all, offset, Direction::FromGuest)?;
         overlay.mark_written(offset, len);
         Ok(())
     }
@@ -256,28 +255,31 @@ fn pieces(
 /// The most buffers one `preadv` or `pwritev` takes (`UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
 
-/// The guest memory of `bufs`, as slices that each lie in one memory region.
-fn guest_slices(
+/// Which way a transfer moves data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Image to guest memory (`preadv`).
+    ToGuest,
+    /// Guest memory to image (`pwritev`).
+    FromGuest,
+}
+
+/// Moves the guest buffers `bufs`, one after another, between guest memory and `file` from
+/// file `offset` on; a read marks the buffers dirty for incremental snapshots.
+fn transfer_guest(
+    file: &File,
     mem: &GuestMemoryMmap,
     bufs: impl Iterator<Item = (GuestAddress, usize)>,
     offset: u64,
-) -> Result<Vec<VolatileSlice<'_, impl BitmapSlice + '_>>, DiskError> {
+    direction: Direction,
+) -> Result<(), DiskError> {
     let mut slices = Vec::new();
     for (addr, len) in bufs {
         for slice in mem.get_slices(addr, len) {
             slices.push(slice.map_err(|source| DiskError::Io { offset, source })?);
         }
     }
-    Ok(slices)
-}
-
-fn read_vectored(
-    file: &File,
-    mem: &GuestMemoryMmap,
-    bufs: impl Iterator<Item = (GuestAddress, usize)>,
-    offset: u64,
-) -> Result<(), DiskError> {
-    let slices = guest_slices(mem, bufs, offset)?;
+    // A mutable guard serves both directions: it keeps its slice mapped during the call.
     let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard_mut()).collect();
     let iovs = guards
         .iter()
@@ -288,38 +290,23 @@ fn read_vectored(
         .collect();
     let result = transfer(file, iovs, offset, |fd, iov, count, at| {
         // SAFETY: the fd is open for as long as `file` is borrowed; each iovec points into a
-        // slice of guest memory that `guards` keeps mapped, and preadv writes at most its
-        // length there. Guest memory may change under us, which the kernel copy tolerates.
-        unsafe { libc::preadv(fd, iov, count, at) }
+        // slice of guest memory that `guards` keeps mapped, and the call reads or writes at
+        // most its length there. Guest memory may change under us, which the kernel's copy
+        // tolerates.
+        unsafe {
+            match direction {
+                Direction::ToGuest => libc::preadv(fd, iov, count, at),
+                Direction::FromGuest => libc::pwritev(fd, iov, count, at),
+            }
+        }
     });
-    // Marking more than was read is safe: a snapshot then saves a page it did not need to.
-    for slice in &slices {
-        slice.bitmap().mark_dirty(0, slice.len());
+    if direction == Direction::ToGuest {
+        // Marking more than was read is safe: a snapshot then saves a page it did not need to.
+        for slice in &slices {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
     }
     result
-}
-
-fn write_vectored(
-    file: &File,
-    mem: &GuestMemoryMmap,
-    bufs: impl Iterator<Item = (GuestAddress, usize)>,
-    offset: u64,
-) -> Result<(), DiskError> {
-    let slices = guest_slices(mem, bufs, offset)?;
-    let guards: Vec<_> = slices.iter().map(|s| s.ptr_guard()).collect();
-    let iovs = guards
-        .iter()
-        .map(|g| libc::iovec {
-            iov_base: g.as_ptr().cast_mut().cast(),
-            iov_len: g.len(),
-        })
-        .collect();
-    transfer(file, iovs, offset, |fd, iov, count, at| {
-        // SAFETY: the fd is open for as long as `file` is borrowed; each iovec points into a
-        // slice of guest memory that `guards` keeps mapped, and pwritev reads at most its
-        // length from there.
-        unsafe { libc::pwritev(fd, iov, count, at) }
-    })
 }
 
 /// Moves all of `iovs` with `op(fd, iovs, count, file offset)`, a `preadv` or `pwritev`, from
@@ -335,7 +322,8 @@ fn transfer(
     let mut done = 0usize;
     let mut first = 0usize;
     while first < iovs.len() {
-        let at = offset + done as u64;
+        // Past i64::MAX the conversion below fails: an error, never an overflow.
+        let at = offset.saturating_add(done as u64);
         let io_err = |source: io::Error| DiskError::Io {
             offset: at,
             source: GuestMemoryError::IOError(source),
