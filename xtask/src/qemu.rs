@@ -226,8 +226,8 @@ pub struct MicrovmBoot<'a> {
 }
 
 impl MicrovmBoot<'_> {
-    /// The QEMU command line: the serial console on stdout, and the root filesystem writable
-    /// with its writes discarded.
+    /// The QEMU command line: the serial console on stdout, and the root filesystem
+    /// read-only, as the benchmark's `hearth-vmm` configuration has it.
     pub fn command(&self) -> Result<Command> {
         if self.command.contains('"') {
             bail!("the guest command must not contain double quotes");
@@ -238,7 +238,7 @@ impl MicrovmBoot<'_> {
             .unwrap_or_default();
         Ok(
             Microvm::new(self.kernel, self.rootfs, self.cpus, self.mem_mib)
-                .root_mode(RootMode::DiscardWrites)
+                .root_mode(RootMode::ReadOnly)
                 .cmdline_tail(&format!("{marker}-- {}", self.command))
                 .command(),
         )
@@ -390,7 +390,7 @@ mod tests {
 
         assert_eq!(
             after(&args, "-append"),
-            ["console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda rw \
+            ["console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda ro \
               virtio_mmio.device=512@0xfeb00e00:12 hearth_boot_marker=m -- sleep 2"]
         );
     }
