@@ -41,15 +41,6 @@ fn transport_entry(index: u32) -> String {
     )
 }
 
-/// What happens to the guest's writes to the root disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RootMode {
-    /// Attached read-only and mounted `ro`.
-    ReadOnly,
-    /// Mounted `rw`, with QEMU's `snapshot=on`: writes go to a temporary file and are dropped.
-    DiscardWrites,
-}
-
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Console {
@@ -66,7 +57,6 @@ pub struct Microvm {
     kernel: PathBuf,
     initrd: Option<PathBuf>,
     rootfs: PathBuf,
-    root_mode: RootMode,
     cpus: u32,
     mem_mib: u32,
     cmdline_tail: String,
@@ -84,7 +74,6 @@ impl Microvm {
             kernel: kernel.to_owned(),
             initrd: None,
             rootfs: rootfs.to_owned(),
-            root_mode: RootMode::ReadOnly,
             cpus,
             mem_mib,
             cmdline_tail: String::new(),
@@ -98,12 +87,6 @@ impl Microvm {
     /// Boots with this initramfs (the kernel runs its `/init`).
     pub fn initrd(mut self, initrd: &Path) -> Self {
         self.initrd = Some(initrd.to_owned());
-        self
-    }
-
-    /// What happens to the guest's writes to the root disk (read-only by default).
-    pub fn root_mode(mut self, mode: RootMode) -> Self {
-        self.root_mode = mode;
         self
     }
 
@@ -142,13 +125,9 @@ impl Microvm {
 
     /// The kernel command line: base, root disk, the devices' transports, then the tail.
     fn kernel_cmdline(&self) -> String {
-        let mode = match self.root_mode {
-            RootMode::ReadOnly => "ro",
-            RootMode::DiscardWrites => "rw",
-        };
         let mut words = vec![
             BASE_CMDLINE.to_owned(),
-            format!("root=/dev/vda {mode}"),
+            "root=/dev/vda ro".to_owned(),
             transport_entry(0),
         ];
         if self.vsock_cid.is_some() {
@@ -181,13 +160,9 @@ impl Microvm {
             cmd.arg("-initrd").arg(initrd);
         }
         cmd.arg("-append").arg(self.kernel_cmdline());
-        let drive_mode = match self.root_mode {
-            RootMode::ReadOnly => "readonly=on",
-            RootMode::DiscardWrites => "snapshot=on",
-        };
         cmd.arg("-drive")
             .arg(format!(
-                "id=root,file={},format=raw,if=none,{drive_mode}",
+                "id=root,file={},format=raw,if=none,readonly=on",
                 self.rootfs.display()
             ))
             .args(["-device", "virtio-blk-device,drive=root"]);
@@ -238,7 +213,6 @@ impl MicrovmBoot<'_> {
             .unwrap_or_default();
         Ok(
             Microvm::new(self.kernel, self.rootfs, self.cpus, self.mem_mib)
-                .root_mode(RootMode::ReadOnly)
                 .cmdline_tail(&format!("{marker}-- {}", self.command))
                 .command(),
         )
