@@ -149,10 +149,11 @@ fn measure(mut cmd: Command) -> Result<Sample> {
 /// The kernel hands a process first the pages another one freed last: each boot gets the
 /// pages of the VM before it, whichever VMM ran that. Under an emulated CPU (the test bed's L1
 /// runs on QEMU's TCG) the first write to a page that held code the emulator translated, such
-/// as the previous guest's kernel, throws those translations away: a kernel load into such
-/// pages took 85 ms instead of 15, and whole boots 200-500 ms longer (`docs/BENCHMARKS.md`),
-/// paid by whoever writes the pages first. This pays it here, outside the timed window and the same for both VMMs. On a host
-/// with hardware virtualisation it only costs the few ms of writing the memory.
+/// as the previous guest's kernel, throws those translations away: a kernel-sized copy into
+/// such pages took 81-92 ms instead of 15, and whole boots 200-500 ms longer
+/// (`docs/BENCHMARKS.md`), paid by whoever writes the pages first. This pays it here, outside
+/// the timed window and the same for both VMMs. On a host with hardware virtualisation it only
+/// costs the few ms of writing the memory.
 fn recycle_freed_memory(bytes: usize) {
     // Zeroed allocations this large are fresh mappings: nothing is backed until written.
     let mut memory = vec![0u8; bytes];
