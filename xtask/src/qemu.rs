@@ -335,30 +335,28 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn test_command_rejects_double_quotes() {
-        let boot = MicrovmBoot {
+    /// The busybox boot of a 1-vCPU, 128 MiB machine on `/k` and `/r`.
+    fn boot<'a>(command: &'a str, marker: Option<&'a str>) -> MicrovmBoot<'a> {
+        MicrovmBoot {
             kernel: Path::new("/k"),
             rootfs: Path::new("/r"),
             cpus: 1,
             mem_mib: 128,
-            command: "echo \"x\"",
-            marker: None,
-        };
+            command,
+            marker,
+        }
+    }
+
+    #[test]
+    fn test_command_rejects_double_quotes() {
+        let boot = boot("echo \"x\"", None);
 
         assert!(boot.command().is_err());
     }
 
     #[test]
     fn test_boot_command_line_has_root_device_then_init_command() {
-        let boot = MicrovmBoot {
-            kernel: Path::new("/k"),
-            rootfs: Path::new("/r"),
-            cpus: 1,
-            mem_mib: 128,
-            command: "sleep 2",
-            marker: Some("m"),
-        };
+        let boot = boot("sleep 2", Some("m"));
 
         let args = args(&boot.command().expect("command"));
 
@@ -366,6 +364,18 @@ mod tests {
             after(&args, "-append"),
             ["console=ttyS0 reboot=k panic=-1 quiet root=/dev/vda ro \
               virtio_mmio.device=512@0xfeb00e00:12 hearth_boot_marker=m -- sleep 2"]
+        );
+    }
+
+    #[test]
+    fn test_boot_root_drive_is_read_only() {
+        let boot = boot("sleep 2", None);
+
+        let args = args(&boot.command().expect("command"));
+
+        assert_eq!(
+            after(&args, "-drive"),
+            ["id=root,file=/r,format=raw,if=none,readonly=on"]
         );
     }
 

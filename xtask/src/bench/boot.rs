@@ -23,7 +23,7 @@ const MEM_MIB: u32 = 256;
 const SETTLE: Duration = Duration::from_millis(500);
 /// How much memory [`recycle_freed_memory`] writes before each boot: more than the previous
 /// boot freed (guest memory touched, about 35 MiB, and QEMU's own, about 50 MiB).
-const RECYCLE_MIB: usize = MEM_MIB as usize + 64;
+const RECYCLE_BYTES: usize = (MEM_MIB as usize + 64) << 20;
 
 /// One boot's figures.
 #[derive(Debug, Clone, Copy)]
@@ -55,9 +55,9 @@ pub fn boot_in_kvm(vmm: &Path, kernel: &Path, rootfs: &Path) -> Result<()> {
     for run in 0..=RUNS {
         let mut cmd = Command::new(vmm);
         cmd.arg("--config").arg(&config);
-        recycle_freed_memory(RECYCLE_MIB << 20);
+        recycle_freed_memory(RECYCLE_BYTES);
         let h = measure(cmd).with_context(|| format!("hearth-vmm, run {run}"))?;
-        recycle_freed_memory(RECYCLE_MIB << 20);
+        recycle_freed_memory(RECYCLE_BYTES);
         let q = measure(qemu.command()?).with_context(|| format!("qemu, run {run}"))?;
         let label = if run == 0 {
             "warm-up".to_owned()
